@@ -1,0 +1,136 @@
+"""The training loop: model-agnostic, resumable, seeded, with NaN guards and progress reporting.
+
+A model brings two methods (see models/dhvae.py):
+    training_losses(x, step, rng) -> StepLosses(loss, fake, metrics)   the generator's objective
+    discriminator_loss(x, fake, step) -> Tensor | None                  None when there is no D (yet)
+and ``generator_parameters()`` / ``discriminator_parameters()``. Each step draws its batch and its noise
+from generators seeded by (seed, step), so a run resumed from a checkpoint continues exactly as the
+uninterrupted run would have, and the same seed, config and data give the same weights on a CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import DHVAEConfig
+from .errors import CheckpointError, TrainingDiverged
+from .progress import ProgressFn, Reporter, StopFn
+
+log = logging.getLogger(__name__)
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for (seed, step, stream): independent of everything that ran before."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + stream) % (2**63))
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> Tensor:
+    """Indices of the batch of optimiser step ``step``: epochs are seeded permutations of the n slices.
+
+    With fewer slices than a batch, permutations are concatenated so every batch is full.
+    """
+    steps_per_epoch = max(1, n // batch_size)
+    epoch, j = divmod(step, steps_per_epoch)
+    g = step_generator(seed, epoch, stream=1)
+    reps = math.ceil(steps_per_epoch * batch_size / n)
+    order = torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])
+    return order[j * batch_size : (j + 1) * batch_size]
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: dict[str, float]
+    slices_per_s: float
+
+
+def _optimizers(model: nn.Module, cfg: DHVAEConfig) -> dict[str, torch.optim.Optimizer]:
+    t = cfg.train
+    opts = {"generator": torch.optim.AdamW(model.generator_parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)}
+    d_params = model.discriminator_parameters()
+    if d_params:
+        opts["discriminator"] = torch.optim.AdamW(d_params, lr=t.disc_lr, betas=t.betas, weight_decay=t.weight_decay)
+    return opts
+
+
+def _check_finite(step: int, what: str, value: Tensor, checkpoint: Path) -> None:
+    if not torch.isfinite(value).all():
+        raise TrainingDiverged(
+            f"training diverged at step {step}: {what} is not finite. The last good checkpoint is kept at "
+            f"{checkpoint}; lower the learning rate (train.lr) or the step size (flow.step_size) and resume."
+        )
+
+
+def fit(
+    model: nn.Module,
+    data: Tensor,
+    cfg: DHVAEConfig,
+    *,
+    checkpoint: Path,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    device: torch.device | str = "cpu",
+) -> TrainResult:
+    """Train ``model`` on ``data`` (N, 2, H, W) in [0, 1] for ``cfg.train.steps`` optimiser steps.
+
+    If ``checkpoint`` exists it is resumed from (weights, optimiser states, step); otherwise training
+    starts from the model's current weights (fresh, or a base model for fine-tuning). The checkpoint is
+    rewritten every ``checkpoint_every`` steps and at the end.
+    """
+    t = cfg.train
+    model.to(device).train()
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opts = _optimizers(model, cfg)
+    start = 0
+    if checkpoint.exists():
+        payload = load_checkpoint(checkpoint, map_location=device)
+        model.load_state_dict(payload["model"])
+        for name, opt in opts.items():
+            if name not in payload["optimizers"]:
+                raise CheckpointError(f"{checkpoint.name}: no state for optimiser {name!r}; cannot resume")
+            opt.load_state_dict(payload["optimizers"][name])
+        start = payload["step"]
+        log.info("resuming from %s at step %d", checkpoint, start)
+
+    reporter = Reporter("train", t.steps, "steps", progress, should_stop, start=start)
+    n = data.shape[0]
+    metrics: dict[str, float] = {}
+    for step in range(start, t.steps):
+        reporter.check_cancelled()
+        x = data[batch_indices(n, t.batch_size, t.seed, step)].to(device)
+        if t.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        out = model.training_losses(x, step, step_generator(t.seed, step))
+        _check_finite(step, "the generator loss", out.loss.detach(), checkpoint)
+        opts["generator"].zero_grad(set_to_none=True)
+        out.loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(model.generator_parameters(), float("inf"))
+        _check_finite(step, "the generator gradient", grad_norm, checkpoint)
+        opts["generator"].step()
+        metrics = {"loss": out.loss.item(), **out.metrics}
+
+        d_loss = model.discriminator_loss(x, out.fake, step)
+        if d_loss is not None:
+            _check_finite(step, "the discriminator loss", d_loss.detach(), checkpoint)
+            opts["discriminator"].zero_grad(set_to_none=True)
+            d_loss.backward()
+            opts["discriminator"].step()
+            metrics["disc"] = d_loss.item()
+
+        done = step + 1
+        if done % t.checkpoint_every == 0 or done == t.steps:
+            save_checkpoint(checkpoint, model=model, config=cfg, step=done, optimizers=opts)
+        reporter.report(
+            done, epoch=float(step // max(1, n // t.batch_size)), slices_per_s=reporter.rate(done) * t.batch_size, **metrics
+        )
+
+    return TrainResult(step=t.steps, metrics=metrics, slices_per_s=reporter.rate(t.steps) * t.batch_size)

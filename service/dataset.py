@@ -1,0 +1,138 @@
+"""The augmented dataset of a job as it is being produced: which files are complete, the streamed zip,
+and the preview grid.
+
+The engine writes every NIfTI under a temporary name and renames it when complete, so a file with its
+final name is whole. A pair (``labelsTr/X.nii.gz`` + ``imagesTr/X_0000.nii.gz``...) is sent once its
+label and an image exist; when the job has succeeded, everything else (``dataset.json``,
+``manifest.json``) follows.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import anyio
+
+from contract.schemas import JobState
+from service.zipstream import ZipStream
+
+NIFTI = re.compile(r"^[^.][^/]*\.nii\.gz$")
+LAST_FILES = ("dataset.json", "manifest.json")
+
+
+class JobAborted(Exception):
+    """The job failed or was cancelled while its dataset was being streamed."""
+
+
+def complete_pairs(out_dir: Path) -> list[tuple[str, list[str]]]:
+    """``[(case, [relative files])]`` for every case whose label and image(s) are on disk, sorted."""
+    labels, images = out_dir / "labelsTr", out_dir / "imagesTr"
+    if not labels.is_dir() or not images.is_dir():
+        return []
+    image_names = sorted(p.name for p in images.iterdir() if NIFTI.match(p.name))
+    by_case: dict[str, list[str]] = {}
+    for name in image_names:
+        case, _, _channel = name[: -len(".nii.gz")].rpartition("_")
+        by_case.setdefault(case, []).append(f"imagesTr/{name}")
+    pairs = []
+    for p in sorted(labels.iterdir()):
+        if NIFTI.match(p.name):
+            case = p.name[: -len(".nii.gz")]
+            if case in by_case:
+                pairs.append((case, [*by_case[case], f"labelsTr/{p.name}"]))
+    return pairs
+
+
+def remaining_files(out_dir: Path, sent: set[str]) -> list[str]:
+    """Every file of a finished dataset not sent yet; dataset.json and manifest.json last."""
+    files = sorted(
+        p.relative_to(out_dir).as_posix()
+        for p in out_dir.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and not p.name.endswith((".tmp", ".part"))
+    )
+    rest = [f for f in files if f not in sent and f not in LAST_FILES]
+    return rest + [f for f in LAST_FILES if f in files and f not in sent]
+
+
+async def stream_dataset(
+    out_dir: Path, job_state: Callable[[], JobState | None], poll_s: float
+) -> AsyncIterator[bytes]:
+    """Zip chunks of the job's dataset: finished pairs at once, the rest when the job has succeeded."""
+    zs = ZipStream()
+    sent: set[str] = set()
+
+    async def send(rel: str) -> AsyncIterator[bytes]:
+        it = zs.add_file(out_dir / rel, rel)
+        while (chunk := await anyio.to_thread.run_sync(next, it, None)) is not None:
+            if chunk:
+                yield chunk
+        sent.add(rel)
+
+    while True:
+        state = await anyio.to_thread.run_sync(job_state)
+        if state in (JobState.failed, JobState.cancelled, None):
+            raise JobAborted(f"job ended {state.value if state else 'unknown'} during the download")
+        pairs = await anyio.to_thread.run_sync(complete_pairs, out_dir)
+        for _case, files in pairs:
+            for rel in files:
+                if rel not in sent:
+                    async for chunk in send(rel):
+                        yield chunk
+        if state == JobState.succeeded:
+            break
+        await anyio.sleep(poll_s)
+    for rel in await anyio.to_thread.run_sync(remaining_files, out_dir, sent):
+        async for chunk in send(rel):
+            yield chunk
+    yield zs.close()
+
+
+def preview_png(out_dir: Path, n: int, synthetic_only: bool = True) -> bytes | None:
+    """A grid of up to ``n`` pairs: each image's middle tumour slice, grey, with the mask outline in red."""
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    pairs = [p for p in complete_pairs(out_dir) if not synthetic_only or p[0].startswith("synth")][:n]
+    if not pairs:
+        return None
+    tiles = []
+    for _case, files in pairs:
+        image = np.asarray(nib.load(out_dir / files[0]).dataobj, dtype=np.float32)
+        mask = np.asarray(nib.load(out_dir / files[-1]).dataobj) > 0
+        if image.ndim == 2:
+            image, mask = image[..., None], mask[..., None]
+        areas = mask.reshape(-1, mask.shape[-1]).sum(0)
+        z = int(np.argmax(areas)) if areas.any() else image.shape[-1] // 2
+        tiles.append(_tile(image[..., z], mask[..., z]))
+    cols = min(len(tiles), 4)
+    rows = (len(tiles) + cols - 1) // cols
+    h, w = tiles[0].shape[:2]
+    grid = np.zeros((rows * (h + 2), cols * (w + 2), 3), dtype=np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = t
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tile(image, mask):
+    """(X, Y) slice -> (Y, X, 3) uint8 in radiological display orientation, mask outline in red."""
+    import numpy as np
+
+    lo, hi = float(np.min(image)), float(np.max(image))
+    grey = ((image - lo) / (hi - lo) * 255).astype(np.uint8) if hi > lo else np.zeros(image.shape, np.uint8)
+    m = mask.astype(bool)
+    interior = m.copy()
+    interior[1:, :] &= m[:-1, :]
+    interior[:-1, :] &= m[1:, :]
+    interior[:, 1:] &= m[:, :-1]
+    interior[:, :-1] &= m[:, 1:]
+    edge = m & ~interior
+    rgb = np.stack([grey] * 3, axis=-1)
+    rgb[edge] = (255, 40, 40)
+    return np.ascontiguousarray(np.flipud(rgb.transpose(1, 0, 2)))

@@ -1,0 +1,110 @@
+"""Cohorts: upload (a zip streamed to disk, extracted safely, validated by the engine), list, get, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi.responses import JSONResponse
+
+from contract.schemas import ID_PATTERN, TERMINAL_STATES, CohortList, CohortOut, ErrorOut, JobState
+from contract.storage import new_id
+from service.deps import Ctx, Tenant
+from service.errors import ApiError, not_found
+from service.uploads import ZIP_TYPES, ingest_cohort, stream_to_file
+
+router = APIRouter(prefix="/v1/cohorts", tags=["cohorts"])
+CohortId = Annotated[str, Path(pattern=ID_PATTERN)]
+
+# Validation reads and resamples every volume: a CPU-bound step, at most this many at once.
+_VALIDATION_SLOTS = anyio.CapacityLimiter(1)
+
+ERRORS = {
+    401: {"model": ErrorOut},
+    413: {"model": ErrorOut, "description": "Body or extracted size past the limits"},
+    415: {"model": ErrorOut},
+    422: {"model": ErrorOut, "description": "Bad archive or cohort: a list of {file, problem}"},
+}
+
+
+def cohort_out(record: dict) -> CohortOut:
+    return CohortOut.model_validate(record)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=CohortOut,
+    responses=ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def upload_cohort(
+    request: Request,
+    ctx: Ctx,
+    tenant: Tenant,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Upload a cohort as a zip (any layout the engine reads). The body is streamed to disk."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ZIP_TYPES:
+        raise ApiError(415, f"send the cohort as Content-Type: application/zip (got {ctype or 'none'})")
+    if idempotency_key:
+        replay = ctx.idempotency.begin(tenant, idempotency_key, None)
+        if replay is not None:
+            return replay
+    staging = ctx.storage.new_staging(tenant)
+    try:
+        zip_path = staging / "upload.zip"
+        await stream_to_file(request, zip_path, ctx.settings.max_upload_bytes)
+        cohort_id = new_id("coh")
+        async with _VALIDATION_SLOTS:
+            record = await anyio.to_thread.run_sync(
+                ingest_cohort, ctx.storage, ctx.settings, tenant, cohort_id, zip_path
+            )
+        response = JSONResponse(
+            cohort_out(record).model_dump(mode="json"),
+            status_code=201,
+            headers={"Location": f"/v1/cohorts/{cohort_id}"},
+        )
+    except BaseException:
+        if idempotency_key:
+            ctx.idempotency.release(tenant, idempotency_key)
+        raise
+    finally:
+        if staging.exists():
+            ctx.storage.remove_tree(tenant, staging)
+    if idempotency_key:
+        ctx.idempotency.finish(tenant, idempotency_key, None, response)
+    return response
+
+
+@router.get("", response_model=CohortList)
+def list_cohorts(ctx: Ctx, tenant: Tenant) -> CohortList:
+    records = (ctx.storage.read_record(tenant, "cohorts", i) for i in ctx.storage.list_ids(tenant, "cohorts"))
+    return CohortList(items=[cohort_out(r) for r in records if r])
+
+
+@router.get("/{cohort_id}", response_model=CohortOut, responses={404: {"model": ErrorOut}})
+def get_cohort(cohort_id: CohortId, ctx: Ctx, tenant: Tenant) -> CohortOut:
+    record = ctx.storage.read_record(tenant, "cohorts", cohort_id)
+    if record is None:
+        raise not_found("cohort", cohort_id)
+    return cohort_out(record)
+
+
+@router.delete("/{cohort_id}", status_code=204, responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}})
+def delete_cohort(cohort_id: CohortId, ctx: Ctx, tenant: Tenant) -> Response:
+    if not ctx.storage.exists(tenant, "cohorts", cohort_id):
+        raise not_found("cohort", cohort_id)
+    for job_id in ctx.jobs.active_ids():
+        rec = ctx.jobs.get(job_id, tenant)
+        if rec and rec.get("cohort_id") == cohort_id and JobState(rec["state"]) not in TERMINAL_STATES:
+            raise ApiError(409, f"cohort {cohort_id} is used by job {job_id}; cancel it first")
+    ctx.storage.delete(tenant, "cohorts", cohort_id)
+    return Response(status_code=204)
