@@ -61,7 +61,9 @@ class CohortOut(BaseModel):
     id: str
     cases: list[str] = Field(description="Case identifiers found in the upload.")
     channels: list[str] = Field(description="Image channels the cohort provides.")
+    channel: str | None = Field(None, description="The channel the model is trained on.")
     tumour_slices: int = Field(description="Axial slices with tumour after resampling (before balancing).")
+    training_slices: int | None = Field(None, description="Slices kept for training after balancing.")
     warnings: list[str]
     layout: str | None = Field(None, description="nnunet | msd | folders")
     size_bytes: int = Field(0, description="Uncompressed size of the stored cohort files.")

@@ -81,6 +81,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 def build_model(config: DHVAEConfig) -> nn.Module:
     """The network a config describes (the dHVAE family, or a baseline)."""
+    if config.model == "lsgan":
+        from .lsgan import LSGAN
+
+        return LSGAN(config)
     from .dhvae import DHVAE
 
     return DHVAE(config)

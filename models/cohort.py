@@ -248,8 +248,8 @@ def read_cohort(root: Path, spec: CohortSpec | None = None) -> Cohort:
         raise CohortError(scan.problems)
 
     channels = sorted(set.intersection(*(set(c) for c in scan.case_channels.values())), key=scan.order)
-    log.info("cohort %s: layout %s, %d cases, channel %s", top, layout, len(cases), channel)
     assert channel is not None  # otherwise a problem was raised above
+    log.info("cohort %s: layout %s, %d cases, channel %s", top, layout, len(cases), channel)
     return Cohort(
         root=top, layout=layout, cases=cases, channels=channels, channel=channel, warnings=scan.warnings
     )
@@ -556,7 +556,9 @@ def _scan_folders(root: Path, scan: _Scan) -> None:
     spec = scan.spec
     subdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and not _is_ignored(p.name, spec)]
     loose = [p for p in sorted(root.iterdir()) if p.is_file() and _is_nifti(p)]
-    case_dirs = [d for d in subdirs if any(f.is_file() for f in d.iterdir())]
+    case_dirs = [
+        d for d in subdirs if any(f.is_file() and not _is_ignored(f.name, spec) for f in d.iterdir())
+    ]
     if loose and not case_dirs:
         case_dirs = [root]  # the root itself is the folder of a single case
     elif loose:
@@ -641,7 +643,7 @@ def _choose_channel(scan: _Scan, spec: CohortSpec) -> str | None:
         return present[0]
     scan.problems.append(
         Problem(
-            _relative(scan.given_root, scan.given_root),
+            ".",
             f"channel '{spec.channel}' not found; the cohort has {', '.join(present)} (choose one of them)",
         )
     )

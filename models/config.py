@@ -120,7 +120,8 @@ class SamplingConfig:
 class DHVAEConfig:
     """Everything that defines a trained model; stored inside every checkpoint."""
 
-    model: Literal["dhvae", "hvae", "vae"] = "dhvae"
+    # "lsgan": the paper's GAN baseline (models/lsgan.py): the decoder as generator, the PatchGAN as critic.
+    model: Literal["dhvae", "hvae", "vae", "lsgan"] = "dhvae"
     network: NetworkConfig = field(default_factory=NetworkConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -77,12 +77,13 @@ def fit(
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     device: torch.device | str = "cpu",
+    extra: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` (N, 2, H, W) in [0, 1] for ``cfg.train.steps`` optimiser steps.
 
     If ``checkpoint`` exists it is resumed from (weights, optimiser states, step); otherwise training
     starts from the model's current weights (fresh, or a base model for fine-tuning). The checkpoint is
-    rewritten every ``checkpoint_every`` steps and at the end.
+    rewritten every ``checkpoint_every`` steps and at the end, with ``extra`` (e.g. the data's grid).
     """
     t = cfg.train
     model.to(device).train()
@@ -128,7 +129,7 @@ def fit(
 
         done = step + 1
         if done % t.checkpoint_every == 0 or done == t.steps:
-            save_checkpoint(checkpoint, model=model, config=cfg, step=done, optimizers=opts)
+            save_checkpoint(checkpoint, model=model, config=cfg, step=done, optimizers=opts, extra=extra)
         reporter.report(
             done, epoch=float(step // max(1, n // t.batch_size)), slices_per_s=reporter.rate(done) * t.batch_size, **metrics
         )

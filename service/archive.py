@@ -163,20 +163,3 @@ def extract_zip(zip_path: Path, dest: Path, limits: ArchiveLimits) -> int:
             if written != info.file_size:
                 raise _bad(info.filename, f"holds {written} bytes but its header says {info.file_size}")
     return total
-
-
-def cohort_root(dest: Path) -> Path:
-    """Descend through wrapper folders (``train/`` around the case folders) to the cohort's root.
-
-    Stops at a folder holding any file or more than one entry, and never descends into a folder that
-    holds NIfTI files itself (that is a case folder of a one-case cohort, not a wrapper).
-    """
-    root = dest
-    while True:
-        entries = [p for p in root.iterdir() if not _is_junk(p.name)]
-        if len(entries) != 1 or not entries[0].is_dir():
-            return root
-        child = entries[0]
-        if any(p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")) for p in child.iterdir()):
-            return root
-        root = child

@@ -10,7 +10,7 @@ from fastapi import Request
 
 from contract.jobs import now_iso
 from contract.storage import LocalStorage
-from service.archive import ArchiveError, ArchiveLimits, cohort_root, extract_zip
+from service.archive import ArchiveError, ArchiveLimits, extract_zip
 from service.errors import ApiError
 from service.settings import Settings
 
@@ -54,70 +54,51 @@ def ingest_cohort(
 ) -> dict:
     """Extract, validate and store a cohort; return its record. Leaves nothing behind on error.
 
-    The files are extracted in staging, moved to their final folder (invisible until ``record.json``
-    is written) and validated there, so the engine's preprocessing cache built now under the final
-    path is the one the worker finds later.
+    Everything happens in the upload's staging folder, which is renamed into place only once the
+    cohort is valid; the engine's preprocessing cache (keyed by file contents, not paths) is built in
+    the cohort's cache folder, where the worker finds it later.
     """
-    final = storage.path(tenant, "cohorts", cohort_id)
+    staging = zip_path.parent
+    files = staging / "files"
     cache = storage.cache_dir(tenant, cohort_id)
-    extract_dir = zip_path.parent / "files"
     try:
-        extract_dir.mkdir()
+        files.mkdir()
         try:
-            size = extract_zip(zip_path, extract_dir, limits(settings))
+            size = extract_zip(zip_path, files, limits(settings))
         except ArchiveError as e:
             raise ApiError(e.status, "archive rejected", e.problems) from None
         zip_path.unlink()
-        rel_root = cohort_root(extract_dir).relative_to(extract_dir.parent)
-        storage.commit(tenant, "cohorts", cohort_id, zip_path.parent)
-        summary = validate_cohort(final / rel_root, cache)
-        record = {
-            "id": cohort_id,
-            "root": rel_root.as_posix(),
-            "size_bytes": size,
-            "created_at": now_iso(),
-            **summary,
-        }
-        storage.write_record(tenant, "cohorts", cohort_id, record)
+        summary = validate_cohort(files, cache)
+        storage.commit(tenant, "cohorts", cohort_id, staging)
+        record = {"id": cohort_id, "root": "files", "size_bytes": size, "created_at": now_iso(), **summary}
+        storage.write_record(tenant, "cohorts", cohort_id, record)  # the cohort is visible from here on
         return record
     except BaseException:
-        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(storage.path(tenant, "cohorts", cohort_id), ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
         raise
 
 
 def validate_cohort(root: Path, cache_dir: Path) -> dict:
-    """The engine's header and voxel validation (``models.cohort``, torch-free); 422 on CohortError."""
-    from models import cohort as engine_cohort
+    """The engine's header and voxel validation (torch-free ``models.cohort`` and ``models.preprocess``,
+    the same steps as ``models.pipeline.ingest``); 422 with every problem on CohortError."""
+    from models.cohort import CohortSpec, read_cohort
     from models.errors import CohortError
+    from models.preprocess import PreprocessConfig, preprocess_cohort
 
-    spec = engine_cohort.CohortSpec()
+    spec = CohortSpec()
     try:
-        cohort = engine_cohort.read_cohort(root, spec)
-        slices = _preprocess(cohort, spec, cache_dir)
+        cohort = read_cohort(root, spec)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        slices = preprocess_cohort(cohort, spec, PreprocessConfig(), cache_dir)
     except CohortError as e:
-        problems = [(_relative(p.file, root), p.problem) for p in e.problems]
-        raise ApiError(422, "cohort rejected", problems) from None
+        raise ApiError(422, "cohort rejected", [(p.file, p.problem) for p in e.problems]) from None
     return {
         "cases": [c.case_id for c in cohort.cases],
         "channels": list(cohort.channels),
+        "channel": cohort.channel,
         "tumour_slices": int(slices.tumour_slices),
-        "warnings": [str(w) for w in cohort.warnings],
+        "training_slices": len(slices.case_ids),
+        "warnings": [str(w) for w in (*cohort.warnings, *slices.warnings)],
         "layout": cohort.layout,
     }
-
-
-def _preprocess(cohort, spec, cache_dir: Path):
-    """Voxel-level validation (empty masks, non-finite voxels) and the tumour-slice count."""
-    from models import preprocess as engine_preprocess
-
-    cfg = engine_preprocess.PreprocessConfig()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    return engine_preprocess.preprocess_cohort(cohort, spec, cfg, cache_dir)
-
-
-def _relative(file: str, root: Path) -> str:
-    try:
-        return Path(file).relative_to(root).as_posix()
-    except ValueError:
-        return file

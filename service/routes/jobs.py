@@ -1,0 +1,147 @@
+"""Jobs: status, Server-Sent Events, cooperative cancel, the dataset download and its preview."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import anyio
+import redis
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from contract.jobs import decode, events_key, to_out
+from contract.schemas import ID_PATTERN, TERMINAL_STATES, ErrorOut, JobList, JobOut, JobState
+from service.dataset import preview_png, stream_dataset
+from service.deps import Context, Ctx, Tenant
+from service.errors import ApiError, not_found
+from service.submit import DATASET_KINDS, job_links
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+JobId = Annotated[str, Path(pattern=ID_PATTERN)]
+NOT_FOUND = {404: {"model": ErrorOut}}
+
+
+def _record(ctx: Context, tenant: str, job_id: str) -> dict[str, str]:
+    rec = ctx.jobs.get(job_id, tenant)
+    if rec is None:
+        raise not_found("job", job_id)
+    return rec
+
+
+def job_out(rec: dict[str, str]) -> JobOut:
+    return to_out(rec, job_links(rec["id"], rec["kind"], rec.get("model_id")))
+
+
+@router.get("", response_model=JobList)
+def list_jobs(ctx: Ctx, tenant: Tenant, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobList:
+    recs = (ctx.jobs.get(i, tenant) for i in ctx.jobs.list_ids(tenant, limit))
+    return JobList(items=[job_out(r) for r in recs if r])
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
+def get_job(job_id: JobId, ctx: Ctx, tenant: Tenant) -> JobOut:
+    return job_out(_record(ctx, tenant, job_id))
+
+
+@router.delete("/{job_id}", status_code=202, response_model=JobOut, responses={**NOT_FOUND, 409: {"model": ErrorOut}})
+def cancel_job(job_id: JobId, ctx: Ctx, tenant: Tenant) -> JobOut:
+    """Cooperative cancel: a queued job is cancelled at once, a running one at its next step."""
+    rec = _record(ctx, tenant, job_id)
+    if JobState(rec["state"]) in TERMINAL_STATES:
+        raise ApiError(409, f"job {job_id} already {rec['state']}")
+    rec = ctx.jobs.request_cancel(job_id) or rec
+    return job_out(rec)
+
+
+@router.get(
+    "/{job_id}/events",
+    responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}}, "description": "JobOut per event"}},
+)
+async def job_events(
+    job_id: JobId,
+    ctx: Ctx,
+    tenant: Tenant,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> EventSourceResponse:
+    """Server-Sent Events: the job (as in ``GET /v1/jobs/{id}``) after every change, from its creation
+    (or after ``Last-Event-ID``) to its final state, then the stream ends."""
+    await anyio.to_thread.run_sync(_record, ctx, tenant, job_id)
+    return EventSourceResponse(_events(ctx, job_id, last_event_id or "0-0"), ping=15)
+
+
+async def _events(ctx: Context, job_id: str, last: str):
+    key = events_key(job_id)
+    while True:
+        try:
+            reply = await ctx.aredis.xread({key: last}, block=5000, count=200)
+        except (redis.ConnectionError, redis.TimeoutError):
+            await anyio.sleep(0.5)  # Redis restarting: the stream is persisted, keep reading after it
+            continue
+        if not reply:
+            rec = await anyio.to_thread.run_sync(ctx.jobs.get, job_id)
+            if rec is None or JobState(rec["state"]) in TERMINAL_STATES:
+                if rec is not None:
+                    yield ServerSentEvent(data=job_out(rec).model_dump_json(), event="state")
+                return
+            continue
+        for _key, entries in reply:
+            for entry_id, fields in entries:
+                last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                rec = decode(fields)
+                event = rec.pop("event", "progress")
+                yield ServerSentEvent(data=job_out(rec).model_dump_json(), event=event, id=last)
+                if JobState(rec["state"]) in TERMINAL_STATES:
+                    return
+
+
+def _dataset_job(ctx: Context, tenant: str, job_id: str) -> dict[str, str]:
+    rec = _record(ctx, tenant, job_id)
+    if rec["kind"] not in DATASET_KINDS:
+        raise ApiError(409, f"job {job_id} is a {rec['kind']} job: it produces no dataset")
+    if rec["state"] in (JobState.failed.value, JobState.cancelled.value):
+        raise ApiError(409, f"job {job_id} {rec['state']}: there is nothing to download")
+    return rec
+
+
+@router.get(
+    "/{job_id}/download",
+    response_class=StreamingResponse,
+    responses={
+        **NOT_FOUND,
+        409: {"model": ErrorOut},
+        200: {"content": {"application/zip": {}}, "description": "nnU-Net v2 raw dataset, streamed"},
+    },
+)
+def download(job_id: JobId, ctx: Ctx, tenant: Tenant) -> StreamingResponse:
+    """The dataset as a zip streamed as it is produced: finished pairs at once, then each new one, and
+    ``dataset.json`` + ``manifest.json`` when the job has succeeded. A job that fails or is cancelled
+    meanwhile ends the stream early (an incomplete zip)."""
+    _dataset_job(ctx, tenant, job_id)
+    out_dir = ctx.storage.path(tenant, "outputs", job_id)
+
+    def state() -> JobState | None:
+        rec = ctx.jobs.get(job_id)
+        return JobState(rec["state"]) if rec else None
+
+    return StreamingResponse(
+        stream_dataset(out_dir, state, ctx.settings.download_poll_s),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{job_id}.zip"'},
+    )
+
+
+@router.get(
+    "/{job_id}/preview.png",
+    response_class=Response,
+    responses={**NOT_FOUND, 409: {"model": ErrorOut}, 200: {"content": {"image/png": {}}}},
+)
+def preview(job_id: JobId, ctx: Ctx, tenant: Tenant, n: Annotated[int, Query(ge=1, le=64)] = 16) -> Response:
+    """Up to ``n`` generated pairs side by side (image with the mask outline in red)."""
+    _dataset_job(ctx, tenant, job_id)
+    png = preview_png(ctx.storage.path(tenant, "outputs", job_id), n)
+    if png is None:
+        raise ApiError(409, f"job {job_id} has no generated pair yet; retry when progress.done > 0")
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})

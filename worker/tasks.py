@@ -1,0 +1,186 @@
+"""The Celery tasks: parse the request, call one function of ``models.pipeline``, store the result.
+
+Each task is registered under the explicit name the API sends (``contract.tasks``). torch and the
+engine are imported inside the task bodies, i.e. in the pool's child process, never at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from contract import tasks as names
+from contract.schemas import AugmentTask, GenerateTask, ImportTask, JobState, ModelStatus, TrainTask
+from worker.celery_app import app
+from worker.jobrun import JobContext, run_job
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.pt", "last.pt")
+
+
+def _engine():
+    """The engine, loaded lazily in the child process (and torch's thread count set once)."""
+    from models import pipeline
+
+    threads = _engine_threads()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return pipeline
+
+
+def _engine_threads() -> int | None:
+    from worker.settings import get_settings
+
+    return get_settings().torch_threads
+
+
+# ---------------------------------------------------------------------------------------------- records
+def _cohort_dir(ctx: JobContext, cohort_id: str) -> Path:
+    record = ctx.storage.read_record(ctx.tenant, "cohorts", cohort_id)
+    if record is None:
+        from models.errors import CohortError, Problem
+
+        raise CohortError([Problem(cohort_id, "the cohort was deleted")])
+    return ctx.storage.path(ctx.tenant, "cohorts", cohort_id) / record.get("root", "files")
+
+
+def _model_checkpoint(ctx: JobContext, model_id: str) -> Path:
+    from models.errors import CheckpointError
+
+    record = ctx.storage.read_record(ctx.tenant, "models", model_id)
+    path = ctx.storage.path(ctx.tenant, "models", model_id) / "model.pt"
+    if record is None or record.get("status") != ModelStatus.ready.value or not path.is_file():
+        raise CheckpointError(f"model {model_id} is not available")
+    return path
+
+
+def _update_model(ctx: JobContext, model_id: str, **fields: object) -> None:
+    record = ctx.storage.read_record(ctx.tenant, "models", model_id) or {"id": model_id}
+    record.update(fields)
+    ctx.storage.write_record(ctx.tenant, "models", model_id, record)
+
+
+def _model_ready(ctx: JobContext, model_id: str) -> None:
+    model_dir = ctx.storage.path(ctx.tenant, "models", model_id)
+    meta = {}
+    if (model_dir / "model.json").is_file():
+        meta = json.loads((model_dir / "model.json").read_text())
+    _update_model(
+        ctx, model_id, status=ModelStatus.ready.value,
+        config=meta.get("config", {}), summary=meta.get("summary", meta.get("training", {})),
+    )
+    (model_dir / "last.pt").unlink(missing_ok=True)  # the resume point is no longer needed
+
+
+def _model_ended(ctx: JobContext, model_id: str, state: JobState) -> None:
+    """A model whose job failed or was cancelled: its record says so, its weights are removed."""
+    model_dir = ctx.storage.path(ctx.tenant, "models", model_id)
+    for name in WEIGHT_FILES:
+        (model_dir / name).unlink(missing_ok=True)
+    status = ModelStatus.cancelled if state == JobState.cancelled else ModelStatus.failed
+    _update_model(ctx, model_id, status=status.value)
+
+
+def _remove_output(ctx: JobContext) -> None:
+    ctx.storage.remove_tree(ctx.tenant, ctx.storage.path(ctx.tenant, "outputs", ctx.job_id))
+
+
+def _base_checkpoint(ctx: JobContext, base_model_id: str | None) -> Path | None:
+    return _model_checkpoint(ctx, base_model_id) if base_model_id else None
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+@app.task(name=names.TRAIN, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def train(payload: dict) -> None:
+    req = TrainTask.model_validate(payload)
+
+    def body(ctx: JobContext) -> None:
+        pipeline = _engine()
+        pipeline.train(
+            _cohort_dir(ctx, req.cohort_id),
+            model_dir=ctx.storage.path(ctx.tenant, "models", req.model_id),
+            preset=req.preset, steps=req.steps, seed=req.seed,
+            base_checkpoint=_base_checkpoint(ctx, req.base_model_id),
+            cache_dir=ctx.storage.cache_dir(ctx.tenant, req.cohort_id),
+            progress=ctx.progress, should_stop=ctx.should_stop,
+        )
+        _model_ready(ctx, req.model_id)
+
+    run_job(req.job_id, req.tenant, body, lambda ctx, state: _model_ended(ctx, req.model_id, state))
+
+
+@app.task(name=names.GENERATE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def generate(payload: dict) -> None:
+    req = GenerateTask.model_validate(payload)
+
+    def body(ctx: JobContext) -> None:
+        pipeline = _engine()
+        out_dir = ctx.storage.path(ctx.tenant, "outputs", req.job_id)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pipeline.generate(
+            _model_checkpoint(ctx, req.model_id), out_dir=out_dir, n_pairs=req.n_pairs, seed=req.seed,
+            slices_per_volume=req.slices_per_volume, min_mask_area=req.min_mask_area,
+            progress=ctx.progress, should_stop=ctx.should_stop,
+        )
+
+    run_job(req.job_id, req.tenant, body, lambda ctx, state: _remove_output(ctx))
+
+
+@app.task(name=names.AUGMENT, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def augment(payload: dict) -> None:
+    req = AugmentTask.model_validate(payload)
+
+    def body(ctx: JobContext) -> None:
+        pipeline = _engine()
+        out_dir = ctx.storage.path(ctx.tenant, "outputs", req.job_id)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pipeline.augment(
+            _cohort_dir(ctx, req.cohort_id), out_dir=out_dir,
+            model_dir=ctx.storage.path(ctx.tenant, "models", req.model_id),
+            preset=req.preset, steps=req.steps, seed=req.seed, n_pairs=req.n_pairs,
+            base_checkpoint=_base_checkpoint(ctx, req.base_model_id),
+            cache_dir=ctx.storage.cache_dir(ctx.tenant, req.cohort_id),
+            slices_per_volume=req.slices_per_volume, min_mask_area=req.min_mask_area,
+            progress=ctx.progress, should_stop=ctx.should_stop,
+        )
+        _model_ready(ctx, req.model_id)
+
+    def cleanup(ctx: JobContext, state: JobState) -> None:
+        _remove_output(ctx)
+        _model_ended(ctx, req.model_id, state)
+
+    run_job(req.job_id, req.tenant, body, cleanup)
+
+
+@app.task(name=names.IMPORT_MODEL, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def import_model(payload: dict) -> None:
+    req = ImportTask.model_validate(payload)
+
+    def staged(ctx: JobContext) -> Path:
+        path = (ctx.storage.staging_dir(ctx.tenant) / req.upload).resolve()
+        if not path.is_relative_to(ctx.storage.staging_dir(ctx.tenant)):
+            raise ValueError(f"staged upload {req.upload!r} is outside the staging area")
+        return path
+
+    def body(ctx: JobContext) -> None:
+        pipeline = _engine()
+        upload = staged(ctx)
+        info = pipeline.validate_checkpoint(upload)  # weights_only=True; CheckpointError otherwise
+        model_dir = ctx.storage.path(ctx.tenant, "models", req.model_id)
+        shutil.move(upload, model_dir / "model.pt")
+        shutil.rmtree(upload.parent, ignore_errors=True)
+        config = info.get("config", info) if isinstance(info, dict) else {}
+        _update_model(ctx, req.model_id, status=ModelStatus.ready.value, config=config,
+                      summary={k: v for k, v in info.items() if k != "config"} if isinstance(info, dict) else {})
+
+    def cleanup(ctx: JobContext, state: JobState) -> None:
+        """A rejected checkpoint leaves nothing: no model, no staged file."""
+        ctx.storage.delete(ctx.tenant, "models", req.model_id)
+        shutil.rmtree(staged(ctx).parent, ignore_errors=True)
+
+    run_job(req.job_id, req.tenant, body, cleanup)
