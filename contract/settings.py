@@ -14,7 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DHVAE_", env_file=None, extra="ignore")
 
-    data_dir: Path = Field(Path("data"), description="Root of cohorts, models and outputs, one folder per tenant.")
+    data_dir: Path = Field(
+        Path("data"), description="Root of cohorts, models and outputs, one folder per tenant."
+    )
     redis_url: str | None = Field(
         None, description="Broker and job records. Unset: `make run` starts an embedded redis-server."
     )
@@ -31,7 +33,7 @@ class CommonSettings(BaseSettings):
         "worker's lease to expire before it resumes.",
     )
     job_ttl_s: int = Field(30 * 24 * 3600, description="How long finished job records are kept in Redis.")
-    log_level: str = Field("INFO")
+    log_level: str = Field("INFO", description="Python logging level of the API and the workers.")
 
     def require_redis_url(self) -> str:
         if not self.redis_url:

@@ -19,7 +19,15 @@ import time
 from pathlib import Path
 
 API_ARGV = ["uvicorn", "service.main:create_app", "--factory"]  # + --host H --port P
-WORKER_ARGV = ["celery", "-A", "worker.celery_app", "worker", "--pool=prefork", "--concurrency=1", "--loglevel=INFO"]
+WORKER_ARGV = [
+    "celery",
+    "-A",
+    "worker.celery_app",
+    "worker",
+    "--pool=prefork",
+    "--concurrency=1",
+    "--loglevel=INFO",
+]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -39,9 +47,25 @@ def free_port() -> int:
 def redis_argv(port: int, data_dir: Path) -> list[str]:
     """Append-only, fsync every write (a job record is never lost to a crash), no RDB snapshots."""
     return [
-        redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-        "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-        "--protected-mode", "yes", "--loglevel", "warning",
+        redis_server_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+        "--protected-mode",
+        "yes",
+        "--loglevel",
+        "warning",
     ]
 
 

@@ -16,8 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 CHUNK = 1 << 20
-NESTED_EXTENSIONS = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".7z", ".rar",
-                     ".bz2", ".xz", ".zst", ".jar")
+NESTED_EXTENSIONS = (
+    ".zip",
+    ".tar",
+    ".tgz",
+    ".tar.gz",
+    ".tar.bz2",
+    ".tbz2",
+    ".tar.xz",
+    ".txz",
+    ".7z",
+    ".rar",
+    ".bz2",
+    ".xz",
+    ".zst",
+    ".jar",
+)
 JUNK_PREFIXES = ("__MACOSX/",)
 JUNK_NAMES = (".DS_Store", "Thumbs.db", "desktop.ini")
 UPLOAD = "<upload>"
@@ -106,7 +120,7 @@ def check_entries(zf: zipfile.ZipFile, limits: ArchiveLimits) -> list[zipfile.Zi
             files.append(info)
     # Entries whose data ranges overlap are the "non-recursive" zip bomb (one payload, many names).
     spans = sorted((i.header_offset, i.header_offset + i.compress_size, i.filename) for i in infos)
-    for (start, end, name), (nstart, _, _) in zip(spans, spans[1:], strict=False):
+    for (_, end, name), (nstart, _, _) in zip(spans, spans[1:], strict=False):
         if end > nstart:
             problems.append((name, "entry overlaps another entry's data (zip bomb)"))
             break
@@ -116,8 +130,11 @@ def check_entries(zf: zipfile.ZipFile, limits: ArchiveLimits) -> list[zipfile.Zi
         raise _bad(UPLOAD, "the archive contains no files")
     declared = sum(i.file_size for i in files)
     if declared > limits.max_uncompressed_bytes:
-        raise _bad(UPLOAD, f"uncompressed size {declared} bytes exceeds the limit of "
-                   f"{limits.max_uncompressed_bytes} bytes", status=413)
+        raise _bad(
+            UPLOAD,
+            f"uncompressed size {declared} bytes exceeds the limit of {limits.max_uncompressed_bytes} bytes",
+            status=413,
+        )
     return files
 
 
@@ -145,15 +162,25 @@ def extract_zip(zip_path: Path, dest: Path, limits: ArchiveLimits) -> int:
                     first = True
                     while chunk := src.read(CHUNK):
                         if first and _nested_magic(chunk[:512]):
-                            raise _bad(info.filename, "nested archive (upload one zip with the files themselves)")
+                            raise _bad(
+                                info.filename, "nested archive (upload one zip with the files themselves)"
+                            )
                         first = False
                         written += len(chunk)
                         total += len(chunk)
                         if total > limits.max_uncompressed_bytes:
-                            raise _bad(UPLOAD, "uncompressed size exceeds the limit of "
-                                       f"{limits.max_uncompressed_bytes} bytes", status=413)
-                        if written > limits.ratio_min_bytes and written > limits.max_ratio * max(info.compress_size, 1):
-                            raise _bad(info.filename, f"compression ratio above {limits.max_ratio:g}:1 (zip bomb)")
+                            raise _bad(
+                                UPLOAD,
+                                "uncompressed size exceeds the limit of "
+                                f"{limits.max_uncompressed_bytes} bytes",
+                                status=413,
+                            )
+                        if written > limits.ratio_min_bytes and written > limits.max_ratio * max(
+                            info.compress_size, 1
+                        ):
+                            raise _bad(
+                                info.filename, f"compression ratio above {limits.max_ratio:g}:1 (zip bomb)"
+                            )
                         out.write(chunk)
             except FileExistsError:
                 raise _bad(info.filename, "duplicate entry") from None

@@ -21,6 +21,7 @@ from service.zipstream import ZipStream
 
 NIFTI = re.compile(r"^[^.][^/]*\.nii\.gz$")
 LAST_FILES = ("dataset.json", "manifest.json")
+TEMP_SUFFIXES = (".partial", ".tmp")  # files being written (models.nifti, write_json_atomic)
 
 
 class JobAborted(Exception):
@@ -51,7 +52,7 @@ def remaining_files(out_dir: Path, sent: set[str]) -> list[str]:
     files = sorted(
         p.relative_to(out_dir).as_posix()
         for p in out_dir.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and not p.name.endswith((".tmp", ".part"))
+        if p.is_file() and not p.name.endswith(TEMP_SUFFIXES)
     )
     rest = [f for f in files if f not in sent and f not in LAST_FILES]
     return rest + [f for f in LAST_FILES if f in files and f not in sent]

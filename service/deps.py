@@ -43,7 +43,9 @@ class KeyRing:
             if key.startswith("sha256:"):
                 digest = bytes.fromhex(key.removeprefix("sha256:"))
                 if len(digest) != 32:
-                    raise ValueError(f"DHVAE_API_KEYS entry for {tenant!r}: sha256 digest must be 64 hex digits")
+                    raise ValueError(
+                        f"DHVAE_API_KEYS entry for {tenant!r}: sha256 digest must be 64 hex digits"
+                    )
             else:
                 digest = hashlib.sha256(key.encode()).digest()
             self._entries.append((tenant, digest))

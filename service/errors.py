@@ -32,7 +32,9 @@ def not_found(what: str, obj_id: str) -> ApiError:
 
 
 def error_body(detail: str, problems: list[tuple[str, str]] | None = None) -> dict:
-    return ErrorOut(detail=detail, problems=[ProblemOut(file=f, problem=p) for f, p in problems or []]).model_dump()
+    return ErrorOut(
+        detail=detail, problems=[ProblemOut(file=f, problem=p) for f, p in problems or []]
+    ).model_dump()
 
 
 def install(app: FastAPI) -> None:

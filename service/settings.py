@@ -28,7 +28,9 @@ class Settings(CommonSettings):
     import_wait_s: float = Field(
         60.0, description="POST /v1/models waits this long for a worker to validate the checkpoint, then 202."
     )
-    download_poll_s: float = Field(0.5, description="How often a download of a running job looks for new pairs.")
+    download_poll_s: float = Field(
+        0.5, description="How often a download of a running job looks for new pairs."
+    )
     ready_timeout_s: float = Field(1.0, description="How long /health/ready waits for a worker to answer.")
 
 

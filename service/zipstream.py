@@ -51,7 +51,9 @@ class ZipStream:
         info.external_attr = 0o644 << 16
         info.file_size = path.stat().st_size
         # NIfTI .gz is already compressed: store it (deflating again costs CPU and gains nothing)
-        info.compress_type = zipfile.ZIP_STORED if arcname.endswith(COMPRESSED_SUFFIXES) else zipfile.ZIP_DEFLATED
+        info.compress_type = (
+            zipfile.ZIP_STORED if arcname.endswith(COMPRESSED_SUFFIXES) else zipfile.ZIP_DEFLATED
+        )
         with open(path, "rb") as src, self._zf.open(info, mode="w") as dst:
             while chunk := src.read(CHUNK):
                 dst.write(chunk)

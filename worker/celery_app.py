@@ -1,4 +1,4 @@
-"""The Celery application of the workers: ``celery -A worker.celery_app worker --pool=prefork --concurrency=1``.
+"""The workers' Celery application: ``celery -A worker.celery_app worker --pool=prefork --concurrency=1``.
 
 Nothing here imports torch or the engine: tasks load them lazily in the child process, so the
 parent never touches CUDA and a forked child starts clean.

@@ -111,7 +111,10 @@ class _Progress:
             return
         self._last_t, self._last_stage = now, p.stage
         progress = JobProgress(
-            done=int(p.done), total=int(p.total), unit=p.unit, stage=p.stage,
+            done=int(p.done),
+            total=int(p.total),
+            unit=p.unit,
+            stage=p.stage,
             eta_s=None if p.eta_s is None else round(float(p.eta_s), 1),
             metrics={k: float(v) for k, v in (p.metrics or {}).items()},
         )
@@ -163,7 +166,9 @@ def run_job(
     heartbeat = _Heartbeat(jobs, job_id, token, settings.job_lease_s)
     heartbeat.start()
     progress = _Progress(jobs, job_id, settings.progress_interval_s)
-    ctx = JobContext(job_id, tenant, LocalStorage(settings.data_dir), progress, progress.should_stop, settings)
+    ctx = JobContext(
+        job_id, tenant, LocalStorage(settings.data_dir), progress, progress.should_stop, settings
+    )
     try:
         rec = _patiently(lambda: jobs.get(job_id), "read job")
         if rec is None or JobState(rec["state"]) in TERMINAL_STATES:
@@ -172,8 +177,13 @@ def run_job(
             raise Cancelled("cancelled before it started")
         jobs.r.hincrby(job_key(job_id), "attempts", 1)
         jobs.transition(
-            job_id, {JobState.queued, JobState.running}, JobState.running,
-            {"started_at": rec.get("started_at") or now_iso(), "worker": f"{socket.gethostname()}:{os.getpid()}"},
+            job_id,
+            {JobState.queued, JobState.running},
+            JobState.running,
+            {
+                "started_at": rec.get("started_at") or now_iso(),
+                "worker": f"{socket.gethostname()}:{os.getpid()}",
+            },
         )
         extra = body(ctx) or {}
         _patiently(
@@ -189,8 +199,11 @@ def run_job(
         )
     except DHVAEError as e:
         log.warning("job %s failed: %s", job_id, e)
-        problems = [ProblemOut(file=p.file, problem=p.problem) for p in e.problems] if isinstance(
-            e, CohortError) else []
+        problems = (
+            [ProblemOut(file=p.file, problem=p.problem) for p in e.problems]
+            if isinstance(e, CohortError)
+            else []
+        )
         cleanup(ctx, JobState.failed)
         err = JobError(type=type(e).__name__, message=str(e), problems=problems)
         _patiently(lambda: jobs.fail(job_id, err), "record failure")

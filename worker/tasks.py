@@ -71,8 +71,11 @@ def _model_ready(ctx: JobContext, model_id: str) -> None:
     if (model_dir / "model.json").is_file():
         meta = json.loads((model_dir / "model.json").read_text())
     _update_model(
-        ctx, model_id, status=ModelStatus.ready.value,
-        config=meta.get("config", {}), summary=meta.get("summary", meta.get("training", {})),
+        ctx,
+        model_id,
+        status=ModelStatus.ready.value,
+        config=meta.get("config", {}),
+        summary=meta.get("summary", meta.get("training", {})),
     )
     (model_dir / "last.pt").unlink(missing_ok=True)  # the resume point is no longer needed
 
@@ -104,10 +107,13 @@ def train(payload: dict) -> None:
         pipeline.train(
             _cohort_dir(ctx, req.cohort_id),
             model_dir=ctx.storage.path(ctx.tenant, "models", req.model_id),
-            preset=req.preset, steps=req.steps, seed=req.seed,
+            preset=req.preset,
+            steps=req.steps,
+            seed=req.seed,
             base_checkpoint=_base_checkpoint(ctx, req.base_model_id),
             cache_dir=ctx.storage.cache_dir(ctx.tenant, req.cohort_id),
-            progress=ctx.progress, should_stop=ctx.should_stop,
+            progress=ctx.progress,
+            should_stop=ctx.should_stop,
         )
         _model_ready(ctx, req.model_id)
 
@@ -123,9 +129,14 @@ def generate(payload: dict) -> None:
         out_dir = ctx.storage.path(ctx.tenant, "outputs", req.job_id)
         out_dir.mkdir(parents=True, exist_ok=True)
         pipeline.generate(
-            _model_checkpoint(ctx, req.model_id), out_dir=out_dir, n_pairs=req.n_pairs, seed=req.seed,
-            slices_per_volume=req.slices_per_volume, min_mask_area=req.min_mask_area,
-            progress=ctx.progress, should_stop=ctx.should_stop,
+            _model_checkpoint(ctx, req.model_id),
+            out_dir=out_dir,
+            n_pairs=req.n_pairs,
+            seed=req.seed,
+            slices_per_volume=req.slices_per_volume,
+            min_mask_area=req.min_mask_area,
+            progress=ctx.progress,
+            should_stop=ctx.should_stop,
         )
 
     run_job(req.job_id, req.tenant, body, lambda ctx, state: _remove_output(ctx))
@@ -140,13 +151,19 @@ def augment(payload: dict) -> None:
         out_dir = ctx.storage.path(ctx.tenant, "outputs", req.job_id)
         out_dir.mkdir(parents=True, exist_ok=True)
         pipeline.augment(
-            _cohort_dir(ctx, req.cohort_id), out_dir=out_dir,
+            _cohort_dir(ctx, req.cohort_id),
+            out_dir=out_dir,
             model_dir=ctx.storage.path(ctx.tenant, "models", req.model_id),
-            preset=req.preset, steps=req.steps, seed=req.seed, n_pairs=req.n_pairs,
+            preset=req.preset,
+            steps=req.steps,
+            seed=req.seed,
+            n_pairs=req.n_pairs,
             base_checkpoint=_base_checkpoint(ctx, req.base_model_id),
             cache_dir=ctx.storage.cache_dir(ctx.tenant, req.cohort_id),
-            slices_per_volume=req.slices_per_volume, min_mask_area=req.min_mask_area,
-            progress=ctx.progress, should_stop=ctx.should_stop,
+            slices_per_volume=req.slices_per_volume,
+            min_mask_area=req.min_mask_area,
+            progress=ctx.progress,
+            should_stop=ctx.should_stop,
         )
         _model_ready(ctx, req.model_id)
 
@@ -168,15 +185,22 @@ def import_model(payload: dict) -> None:
         return path
 
     def body(ctx: JobContext) -> None:
-        pipeline = _engine()
+        _engine()
+        from models.checkpoint import validate_checkpoint
+
         upload = staged(ctx)
-        info = pipeline.validate_checkpoint(upload)  # weights_only=True; CheckpointError otherwise
+        info = validate_checkpoint(upload)  # torch.load(weights_only=True); CheckpointError otherwise
         model_dir = ctx.storage.path(ctx.tenant, "models", req.model_id)
         shutil.move(upload, model_dir / "model.pt")
         shutil.rmtree(upload.parent, ignore_errors=True)
         config = info.get("config", info) if isinstance(info, dict) else {}
-        _update_model(ctx, req.model_id, status=ModelStatus.ready.value, config=config,
-                      summary={k: v for k, v in info.items() if k != "config"} if isinstance(info, dict) else {})
+        _update_model(
+            ctx,
+            req.model_id,
+            status=ModelStatus.ready.value,
+            config=config,
+            summary={k: v for k, v in info.items() if k != "config"} if isinstance(info, dict) else {},
+        )
 
     def cleanup(ctx: JobContext, state: JobState) -> None:
         """A rejected checkpoint leaves nothing: no model, no staged file."""

@@ -16,7 +16,12 @@ from service.lookups import check_max, create_model_record, require_cohort, requ
 from service.submit import accepted, submit
 
 router = APIRouter(prefix="/v1/augmentations", tags=["augmentations"])
-ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 503: {"model": ErrorOut}}
+ERRORS = {
+    401: {"model": ErrorOut},
+    404: {"model": ErrorOut},
+    409: {"model": ErrorOut},
+    503: {"model": ErrorOut},
+}
 
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=ERRORS)
@@ -36,14 +41,27 @@ def create_augmentation(
             require_model(ctx, tenant, body.base_model_id)
         job_id, model_id = new_id("job"), new_id("mdl")
         create_model_record(
-            ctx, tenant, model_id, source="training", job_id=job_id, cohort_id=body.cohort_id,
-            base_model_id=body.base_model_id, preset=body.preset, steps=body.steps, seed=body.seed,
+            ctx,
+            tenant,
+            model_id,
+            source="training",
+            job_id=job_id,
+            cohort_id=body.cohort_id,
+            base_model_id=body.base_model_id,
+            preset=body.preset,
+            steps=body.steps,
+            seed=body.seed,
         )
         payload = AugmentTask(job_id=job_id, tenant=tenant, model_id=model_id, **body.model_dump())
         submit(
-            ctx, task=tasks.AUGMENT, kind=JobKind.augmentation, payload=payload, request=body.model_dump(),
+            ctx,
+            task=tasks.AUGMENT,
+            kind=JobKind.augmentation,
+            payload=payload,
+            request=body.model_dump(),
             progress=JobProgress(total=body.steps, unit="steps", stage="queued"),
-            cohort_id=body.cohort_id, model_id=model_id,
+            cohort_id=body.cohort_id,
+            model_id=model_id,
         )
         return accepted(job_id, JobKind.augmentation, model_id)
 

@@ -98,7 +98,9 @@ def get_cohort(cohort_id: CohortId, ctx: Ctx, tenant: Tenant) -> CohortOut:
     return cohort_out(record)
 
 
-@router.delete("/{cohort_id}", status_code=204, responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}})
+@router.delete(
+    "/{cohort_id}", status_code=204, responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}}
+)
 def delete_cohort(cohort_id: CohortId, ctx: Ctx, tenant: Tenant) -> Response:
     if not ctx.storage.exists(tenant, "cohorts", cohort_id):
         raise not_found("cohort", cohort_id)

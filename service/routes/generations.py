@@ -16,7 +16,12 @@ from service.lookups import check_max, require_model
 from service.submit import accepted, submit
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
-ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 503: {"model": ErrorOut}}
+ERRORS = {
+    401: {"model": ErrorOut},
+    404: {"model": ErrorOut},
+    409: {"model": ErrorOut},
+    503: {"model": ErrorOut},
+}
 
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=ERRORS)
@@ -34,9 +39,14 @@ def create_generation(
         job_id = new_id("job")
         payload = GenerateTask(job_id=job_id, tenant=tenant, **body.model_dump())
         submit(
-            ctx, task=tasks.GENERATE, kind=JobKind.generation, payload=payload, request=body.model_dump(),
+            ctx,
+            task=tasks.GENERATE,
+            kind=JobKind.generation,
+            payload=payload,
+            request=body.model_dump(),
             progress=JobProgress(total=body.n_pairs, unit="pairs", stage="queued"),
-            cohort_id=model.get("cohort_id"), model_id=body.model_id,
+            cohort_id=model.get("cohort_id"),
+            model_id=body.model_id,
         )
         return accepted(job_id, JobKind.generation)
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import anyio
 import redis
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -46,7 +46,9 @@ def get_job(job_id: JobId, ctx: Ctx, tenant: Tenant) -> JobOut:
     return job_out(_record(ctx, tenant, job_id))
 
 
-@router.delete("/{job_id}", status_code=202, response_model=JobOut, responses={**NOT_FOUND, 409: {"model": ErrorOut}})
+@router.delete(
+    "/{job_id}", status_code=202, response_model=JobOut, responses={**NOT_FOUND, 409: {"model": ErrorOut}}
+)
 def cancel_job(job_id: JobId, ctx: Ctx, tenant: Tenant) -> JobOut:
     """Cooperative cancel: a queued job is cancelled at once, a running one at its next step."""
     rec = _record(ctx, tenant, job_id)

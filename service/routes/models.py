@@ -81,15 +81,29 @@ async def import_model(
         await stream_to_file(request, upload, ctx.settings.max_upload_bytes)
         with open(upload, "rb") as f:
             if f.read(4) != TORCH_ZIP_MAGIC:
-                raise ApiError(422, "not a PyTorch checkpoint",
-                               [("<upload>", "expected a torch.save file (a zip archive)")])
+                raise ApiError(
+                    422,
+                    "not a PyTorch checkpoint",
+                    [("<upload>", "expected a torch.save file (a zip archive)")],
+                )
         job_id, model_id = new_id("job"), new_id("mdl")
         create_model_record(ctx, tenant, model_id, source="import", job_id=job_id)
-        payload = ImportTask(job_id=job_id, tenant=tenant, model_id=model_id,
-                             upload=upload.relative_to(ctx.storage.staging_dir(tenant)).as_posix())
+        payload = ImportTask(
+            job_id=job_id,
+            tenant=tenant,
+            model_id=model_id,
+            upload=upload.relative_to(ctx.storage.staging_dir(tenant)).as_posix(),
+        )
         try:
-            submit(ctx, task=tasks.IMPORT_MODEL, kind=JobKind.model_import, payload=payload, request={},
-                   progress=JobProgress(total=1, unit="files", stage="queued"), model_id=model_id)
+            submit(
+                ctx,
+                task=tasks.IMPORT_MODEL,
+                kind=JobKind.model_import,
+                payload=payload,
+                request={},
+                progress=JobProgress(total=1, unit="files", stage="queued"),
+                model_id=model_id,
+            )
         except ApiError:
             ctx.storage.delete(tenant, "models", model_id)
             raise
@@ -116,8 +130,11 @@ async def _wait_for_import(ctx: Ctx, tenant: str, job_id: str, model_id: str) ->
             state = JobState(rec["state"]) if rec else JobState.failed
             if state == JobState.succeeded:
                 model = require_model(ctx, tenant, model_id)
-                return JSONResponse(ModelOut.model_validate(model).model_dump(mode="json"), status_code=201,
-                                    headers={"Location": f"/v1/models/{model_id}"})
+                return JSONResponse(
+                    ModelOut.model_validate(model).model_dump(mode="json"),
+                    status_code=201,
+                    headers={"Location": f"/v1/models/{model_id}"},
+                )
             if state in (JobState.failed, JobState.cancelled):
                 err = to_out(rec).error if rec else None
                 problems = [(p.file, p.problem) for p in err.problems] if err else []

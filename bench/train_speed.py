@@ -1,0 +1,252 @@
+"""Training and sampling speed of the dHVAE on this machine, side by side in one run.
+
+For each (preset, batch) it times, in a fresh subprocess each (so peak RSS is per configuration):
+  reference     the authors' computational structure: 2K potential gradients per flow (each recomputed
+                from the graph), the perceptual net on target and reconstruction together, and the
+                adaptive weight's two gradients through the whole second-order graph;
+  ours-full     our step with the *same maths*: K+1 gradients (the end-of-step gradient reused), the
+                target's VGG features without a graph, adaptive weight through the whole graph;
+  ours-default  our default: as ours-full, adaptive weight through the final decode only
+                (loss.adaptive_weight = "final_decode", a documented heuristic option).
+Every step has the adversarial branch active (disc_start = 0) and the perceptual loss on, like the
+authors' figures quoted in issue #2 (median of 5 steps after warm-up). The reference and ours-full
+losses are checked equal on the same batch and noise before timing.
+
+    .venv/bin/python bench/train_speed.py            # full run, writes bench/results/train_speed.{json,md}
+    .venv/bin/python bench/train_speed.py --quick    # small preset only, fewer steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from models import losses  # noqa: E402
+from models.checkpoint import build_model  # noqa: E402
+from models.config import get_preset  # noqa: E402
+from models.dhvae import DHVAE, StepLosses, _randn_like  # noqa: E402
+from models.pipeline import attach_perceptual  # noqa: E402
+from models.train import step_generator  # noqa: E402
+
+# The authors' figures on a 2-core machine (issue #2): seconds per step, peak GB; sampling pairs/s.
+AUTHORS = {
+    ("small", 4): {"s_per_step": 7.2, "peak_gb": 3.5},
+    ("small", 16): {"s_per_step": 42.9, "peak_gb": 11.6},
+    ("paper", 1): {"s_per_step": 11.7, "peak_gb": None},
+    ("paper", 2): {"s_per_step": 23.8, "peak_gb": 6.6},
+}
+AUTHORS_SAMPLING = {"small": 33.6, "paper": 5.1}
+
+
+def reference_losses(model: DHVAE, x: torch.Tensor, step: int, rng: torch.Generator) -> StepLosses:
+    """The authors' step structure (HamiltonianAutoencoder.forward + LPIPSWithDiscriminator), our modules."""
+    cfg, f = model.cfg, model.cfg.flow
+    mu, logvar = model.encoder(x)
+    e0 = _randn_like(mu, rng)
+    z = mu + (0.5 * logvar).exp() * e0
+    gamma = _randn_like(mu, rng)
+    rho = gamma / f.sqrt_beta0
+    logits = model.decoder(z)  # the VAE forward's reconstruction
+    from models.hamiltonian import tempering_factor
+
+    for k in range(1, f.n_leapfrog + 1):
+        g = torch.autograd.grad(losses.potential(logits, x, z).sum(), z, create_graph=True)[0]
+        rho = rho - 0.5 * f.step_size * g
+        z = z + f.step_size * rho
+        logits = model.decoder(z)
+        g = torch.autograd.grad(losses.potential(logits, x, z).sum(), z, create_graph=True)[0]
+        rho = rho - 0.5 * f.step_size * g
+        rho = tempering_factor(k, f.n_leapfrog, f.sqrt_beta0) * rho
+    l_hvae = losses.hvae_loss(logits, x, z, rho, e0, logvar)
+    x_hat = torch.sigmoid(logits)
+    lp = model._perceptual[0]
+    l_rec = losses.reconstruction_loss(x, x_hat, lambda xh: lp(x, xh), cfg.loss.perceptual_weight)
+    g_adv = losses.generator_hinge_loss(model.discriminator(x_hat))
+    lam = losses.adaptive_weight(l_rec, g_adv, model.decoder.head.weight, cfg.loss.adaptive_weight_max)
+    loss = (1 - cfg.loss.alpha) * l_hvae + cfg.loss.alpha * (l_rec + lam * g_adv)
+    return StepLosses(loss, x_hat.detach(), {"hvae": l_hvae.item(), "rec": l_rec.item(), "lambda": lam.item()})
+
+
+def build(preset: str, mode: str) -> DHVAE:
+    aw = "final_decode" if mode == "ours-default" else "full"
+    cfg = get_preset(preset).replace(**{"loss.disc_start": 0, "loss.perceptual": "vgg16", "loss.adaptive_weight": aw})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    attach_perceptual(model, cfg, "cpu")
+    return model
+
+
+def batch(b: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(b, 2, 128, 128, generator=g)
+    x[:, 1] = (x[:, 1] > 0.8).float()
+    return x
+
+
+def time_training(preset: str, b: int, mode: str, steps: int, warmup: int) -> dict:
+    model = build(preset, mode)
+    model.train()
+    opt_g = torch.optim.AdamW(model.generator_parameters(), lr=4.5e-5, betas=(0.5, 0.9))
+    opt_d = torch.optim.AdamW(model.discriminator_parameters(), lr=4.5e-5, betas=(0.5, 0.9))
+    x = batch(b)
+    times = []
+    for s in range(warmup + steps):
+        t0 = time.perf_counter()
+        rng = step_generator(0, s)
+        out = reference_losses(model, x, s, rng) if mode == "reference" else model.training_losses(x, s, rng)
+        opt_g.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt_g.step()
+        d = model.discriminator_loss(x, out.fake, s)
+        opt_d.zero_grad(set_to_none=True)
+        d.backward()
+        opt_d.step()
+        if s >= warmup:
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {
+        "s_per_step": round(med, 3),
+        "slices_per_s": round(b / med, 3),
+        "step_times": [round(t, 3) for t in times],
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }
+
+
+def check_same_maths(preset: str) -> dict:
+    """Reference and ours-full give the same loss and lambda on the same batch and noise."""
+    a, b = build(preset, "reference"), build(preset, "ours-full")
+    x = batch(2)
+    ra = reference_losses(a, x, 0, step_generator(0, 0))
+    rb = b.training_losses(x, 0, step_generator(0, 0))
+    return {"loss_reference": ra.loss.item(), "loss_ours": rb.loss.item(),
+            "lambda_reference": ra.metrics["lambda"], "lambda_ours": rb.metrics["lambda"],
+            "rel_diff": abs(ra.loss.item() - rb.loss.item()) / abs(ra.loss.item())}
+
+
+@torch.no_grad()
+def time_sampling(preset: str, n: int = 64, batch_size: int = 32) -> dict:
+    torch.manual_seed(0)
+    model = build_model(get_preset(preset)).eval()
+    z = torch.randn(batch_size, model.cfg.network.latent_dim)
+    model.decode(z)  # warm-up
+    rates = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for i in range(n // batch_size):
+            out = model.decode(torch.randn(batch_size, model.cfg.network.latent_dim))
+            (out[:, 1] > 0.5).sum((1, 2))
+        rates.append(n / (time.perf_counter() - t0))
+    return {"pairs_per_s": round(statistics.median(rates), 2), "n": n, "batch_size": batch_size}
+
+
+def run_one(spec: dict) -> dict:
+    if spec["kind"] == "train":
+        return time_training(spec["preset"], spec["batch"], spec["mode"], spec["steps"], spec["warmup"])
+    if spec["kind"] == "sample":
+        return time_sampling(spec["preset"])
+    return check_same_maths(spec["preset"])
+
+
+def subprocess_run(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=REPO / "bench/results")
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return
+
+    steps, warmup = (3, 1) if args.quick else (5, 2)
+    grid = [("small", 4), ("small", 16), ("paper", 1), ("paper", 2), ("paper", 4)]
+    if args.quick:
+        grid = [("small", 4)]
+    modes = ["reference", "ours-full", "ours-default"]
+    results: dict = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()},
+        "protocol": f"median of {steps} steps after {warmup} warm-up, adversarial branch and LPIPS active, 128x128",
+        "same_maths": {p: subprocess_run({"kind": "check", "preset": p}) for p in sorted({p for p, _ in grid})},
+        "training": [],
+        "sampling": [],
+    }
+    for preset, b in grid:
+        row = {"preset": preset, "batch": b, "authors": AUTHORS.get((preset, b))}
+        for mode in modes:
+            if mode == "reference" and preset == "paper" and b > 2:
+                continue  # minutes per step; the ours-full column carries the comparison there
+            row[mode] = subprocess_run({"kind": "train", "preset": preset, "batch": b, "mode": mode,
+                                        "steps": steps, "warmup": warmup})
+            print(preset, b, mode, row[mode], flush=True)
+        results["training"].append(row)
+    for preset in sorted({p for p, _ in grid}):
+        r = subprocess_run({"kind": "sample", "preset": preset})
+        results["sampling"].append({"preset": preset, "authors_pairs_per_s": AUTHORS_SAMPLING.get(preset), **r})
+        print("sample", preset, r, flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "train_speed_quick" if args.quick else "train_speed"
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(report(results))
+    print(f"wrote {args.out / name}.json and .md")
+
+
+def report(r: dict) -> str:
+    def speed(cell):
+        if not cell or "error" in cell:
+            return (cell or {}).get("error", "-")
+        return f"{cell['s_per_step']:.2f} s ({cell['slices_per_s']:.2f} sl/s, {cell['peak_rss_gb']:.1f} GB)"
+
+    lines = [
+        "# Training and sampling speed (CPU)", "",
+        f"Machine: {r['machine']}. Protocol: {r['protocol']}.", "",
+        "Command: `.venv/bin/python bench/train_speed.py` (each cell in its own process; peak = max RSS).", "",
+        "| preset | batch | authors (issue #2) | reference (authors' structure, measured) | ours, same maths | ours, default | speed-up vs authors (same maths / default) | vs reference (same maths / default) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["training"]:
+        a = row.get("authors") or {}
+        ref, full, dflt = row.get("reference"), row.get("ours-full"), row.get("ours-default")
+
+        def ratio(base, cell):
+            if not base or not cell or "error" in cell:
+                return "-"
+            return f"{base / cell['s_per_step']:.1f}x"
+
+        a_s = a.get("s_per_step")
+        r_s = ref.get("s_per_step") if ref and "error" not in ref else None
+        lines.append(
+            f"| {row['preset']} | {row['batch']} | {f'{a_s} s' if a_s else '-'} | {speed(ref) if ref else 'not run'} | "
+            f"{speed(full)} | {speed(dflt)} | {ratio(a_s, full)} / {ratio(a_s, dflt)} | {ratio(r_s, full)} / {ratio(r_s, dflt)} |"
+        )
+    lines += ["", "Same maths check (reference vs ours-full on one batch, same noise):", ""]
+    for p, c in r["same_maths"].items():
+        lines.append(f"- {p}: {c}")
+    lines += ["", "| sampling | authors pairs/s | ours pairs/s |", "|---|---|---|"]
+    for s in r["sampling"]:
+        lines.append(f"| {s['preset']} | {s.get('authors_pairs_per_s')} | {s.get('pairs_per_s', s.get('error'))} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
