@@ -7,7 +7,9 @@ For each (preset, batch) it times, in a fresh subprocess each (so peak RSS is pe
   ours-full     our step with the *same maths*: K+1 gradients (the end-of-step gradient reused), the
                 target's VGG features without a graph, adaptive weight through the whole graph;
   ours-default  our default: as ours-full, adaptive weight through the final decode only
-                (loss.adaptive_weight = "final_decode", a documented heuristic option).
+                (loss.adaptive_weight = "final_decode", a documented heuristic option);
+  ours-bf16     ours-default under bfloat16 autocast (train.precision = "bf16"; the small preset's
+                "auto" picks it on CPUs with AMX / AVX512-BF16 like this one).
 Every step has the adversarial branch active (disc_start = 0) and the perceptual loss on, like the
 authors' figures quoted in issue #2 (median of 5 steps after warm-up). The reference and ours-full
 losses are checked equal on the same batch and noise before timing.
@@ -39,7 +41,7 @@ from models.checkpoint import build_model  # noqa: E402
 from models.config import get_preset  # noqa: E402
 from models.dhvae import DHVAE, StepLosses, _randn_like  # noqa: E402
 from models.pipeline import attach_perceptual  # noqa: E402
-from models.train import step_generator  # noqa: E402
+from models.train import autocast, step_generator  # noqa: E402
 
 # The authors' figures on a 2-core machine (issue #2): seconds per step, peak GB; sampling pairs/s.
 AUTHORS = {
@@ -77,12 +79,19 @@ def reference_losses(model: DHVAE, x: torch.Tensor, step: int, rng: torch.Genera
     g_adv = losses.generator_hinge_loss(model.discriminator(x_hat))
     lam = losses.adaptive_weight(l_rec, g_adv, model.decoder.head.weight, cfg.loss.adaptive_weight_max)
     loss = (1 - cfg.loss.alpha) * l_hvae + cfg.loss.alpha * (l_rec + lam * g_adv)
-    return StepLosses(loss, x_hat.detach(), {"hvae": l_hvae.item(), "rec": l_rec.item(), "lambda": lam.item()})
+    return StepLosses(
+        loss, x_hat.detach(), {"hvae": l_hvae.item(), "rec": l_rec.item(), "lambda": lam.item()}
+    )
+
+
+MODES = ["reference", "ours-full", "ours-default", "ours-bf16"]
 
 
 def build(preset: str, mode: str) -> DHVAE:
-    aw = "final_decode" if mode == "ours-default" else "full"
-    cfg = get_preset(preset).replace(**{"loss.disc_start": 0, "loss.perceptual": "vgg16", "loss.adaptive_weight": aw})
+    aw = "full" if mode in ("reference", "ours-full") else "final_decode"
+    cfg = get_preset(preset).replace(
+        **{"loss.disc_start": 0, "loss.perceptual": "vgg16", "loss.adaptive_weight": aw}
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     attach_perceptual(model, cfg, "cpu")
@@ -102,15 +111,22 @@ def time_training(preset: str, b: int, mode: str, steps: int, warmup: int) -> di
     opt_g = torch.optim.AdamW(model.generator_parameters(), lr=4.5e-5, betas=(0.5, 0.9))
     opt_d = torch.optim.AdamW(model.discriminator_parameters(), lr=4.5e-5, betas=(0.5, 0.9))
     x = batch(b)
+    precision = "bf16" if mode == "ours-bf16" else "fp32"
     times = []
     for s in range(warmup + steps):
         t0 = time.perf_counter()
         rng = step_generator(0, s)
-        out = reference_losses(model, x, s, rng) if mode == "reference" else model.training_losses(x, s, rng)
+        with autocast(precision, "cpu"):
+            out = (
+                reference_losses(model, x, s, rng)
+                if mode == "reference"
+                else model.training_losses(x, s, rng)
+            )
         opt_g.zero_grad(set_to_none=True)
         out.loss.backward()
         opt_g.step()
-        d = model.discriminator_loss(x, out.fake, s)
+        with autocast(precision, "cpu"):
+            d = model.discriminator_loss(x, out.fake, s)
         opt_d.zero_grad(set_to_none=True)
         d.backward()
         opt_d.step()
@@ -131,9 +147,13 @@ def check_same_maths(preset: str) -> dict:
     x = batch(2)
     ra = reference_losses(a, x, 0, step_generator(0, 0))
     rb = b.training_losses(x, 0, step_generator(0, 0))
-    return {"loss_reference": ra.loss.item(), "loss_ours": rb.loss.item(),
-            "lambda_reference": ra.metrics["lambda"], "lambda_ours": rb.metrics["lambda"],
-            "rel_diff": abs(ra.loss.item() - rb.loss.item()) / abs(ra.loss.item())}
+    return {
+        "loss_reference": ra.loss.item(),
+        "loss_ours": rb.loss.item(),
+        "lambda_reference": ra.metrics["lambda"],
+        "lambda_ours": rb.metrics["lambda"],
+        "rel_diff": abs(ra.loss.item() - rb.loss.item()) / abs(ra.loss.item()),
+    }
 
 
 @torch.no_grad()
@@ -145,7 +165,7 @@ def time_sampling(preset: str, n: int = 64, batch_size: int = 32) -> dict:
     rates = []
     for _ in range(3):
         t0 = time.perf_counter()
-        for i in range(n // batch_size):
+        for _ in range(n // batch_size):
             out = model.decode(torch.randn(batch_size, model.cfg.network.latent_dim))
             (out[:, 1] > 0.5).sum((1, 2))
         rates.append(n / (time.perf_counter() - t0))
@@ -161,9 +181,15 @@ def run_one(spec: dict) -> dict:
 
 
 def subprocess_run(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+        return {
+            "error": proc.stderr.strip().splitlines()[-1]
+            if proc.stderr.strip()
+            else f"exit {proc.returncode}"
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -181,12 +207,19 @@ def main() -> None:
     grid = [("small", 4), ("small", 16), ("paper", 1), ("paper", 2), ("paper", 4)]
     if args.quick:
         grid = [("small", 4)]
-    modes = ["reference", "ours-full", "ours-default"]
+    modes = MODES
     results: dict = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
         "protocol": f"median of {steps} steps after {warmup} warm-up, adversarial branch and LPIPS active, 128x128",
-        "same_maths": {p: subprocess_run({"kind": "check", "preset": p}) for p in sorted({p for p, _ in grid})},
+        "same_maths": {
+            p: subprocess_run({"kind": "check", "preset": p}) for p in sorted({p for p, _ in grid})
+        },
         "training": [],
         "sampling": [],
     }
@@ -195,13 +228,23 @@ def main() -> None:
         for mode in modes:
             if mode == "reference" and preset == "paper" and b > 2:
                 continue  # minutes per step; the ours-full column carries the comparison there
-            row[mode] = subprocess_run({"kind": "train", "preset": preset, "batch": b, "mode": mode,
-                                        "steps": steps, "warmup": warmup})
+            row[mode] = subprocess_run(
+                {
+                    "kind": "train",
+                    "preset": preset,
+                    "batch": b,
+                    "mode": mode,
+                    "steps": steps,
+                    "warmup": warmup,
+                }
+            )
             print(preset, b, mode, row[mode], flush=True)
         results["training"].append(row)
     for preset in sorted({p for p, _ in grid}):
         r = subprocess_run({"kind": "sample", "preset": preset})
-        results["sampling"].append({"preset": preset, "authors_pairs_per_s": AUTHORS_SAMPLING.get(preset), **r})
+        results["sampling"].append(
+            {"preset": preset, "authors_pairs_per_s": AUTHORS_SAMPLING.get(preset), **r}
+        )
         print("sample", preset, r, flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -218,15 +261,23 @@ def report(r: dict) -> str:
         return f"{cell['s_per_step']:.2f} s ({cell['slices_per_s']:.2f} sl/s, {cell['peak_rss_gb']:.1f} GB)"
 
     lines = [
-        "# Training and sampling speed (CPU)", "",
-        f"Machine: {r['machine']}. Protocol: {r['protocol']}.", "",
-        "Command: `.venv/bin/python bench/train_speed.py` (each cell in its own process; peak = max RSS).", "",
-        "| preset | batch | authors (issue #2) | reference (authors' structure, measured) | ours, same maths | ours, default | speed-up vs authors (same maths / default) | vs reference (same maths / default) |",
-        "|---|---|---|---|---|---|---|---|",
+        "# Training and sampling speed (CPU)",
+        "",
+        f"Machine: {r['machine']}. Protocol: {r['protocol']}.",
+        "",
+        "Command: `.venv/bin/python bench/train_speed.py` (each cell in its own process; peak = max RSS).",
+        "",
+        "| preset | batch | authors (issue #2) | reference (authors' structure, measured here) | ours, same maths (fp32) | ours, final-decode weight (fp32) | ours, final-decode + bf16 | speed-up vs authors' figure (same / final / bf16) | vs reference measured here (same / final / bf16) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["training"]:
         a = row.get("authors") or {}
-        ref, full, dflt = row.get("reference"), row.get("ours-full"), row.get("ours-default")
+        ref, full, dflt, bf = (
+            row.get("reference"),
+            row.get("ours-full"),
+            row.get("ours-default"),
+            row.get("ours-bf16"),
+        )
 
         def ratio(base, cell):
             if not base or not cell or "error" in cell:
@@ -237,14 +288,17 @@ def report(r: dict) -> str:
         r_s = ref.get("s_per_step") if ref and "error" not in ref else None
         lines.append(
             f"| {row['preset']} | {row['batch']} | {f'{a_s} s' if a_s else '-'} | {speed(ref) if ref else 'not run'} | "
-            f"{speed(full)} | {speed(dflt)} | {ratio(a_s, full)} / {ratio(a_s, dflt)} | {ratio(r_s, full)} / {ratio(r_s, dflt)} |"
+            f"{speed(full)} | {speed(dflt)} | {speed(bf)} | {ratio(a_s, full)} / {ratio(a_s, dflt)} / {ratio(a_s, bf)} | "
+            f"{ratio(r_s, full)} / {ratio(r_s, dflt)} / {ratio(r_s, bf)} |"
         )
     lines += ["", "Same maths check (reference vs ours-full on one batch, same noise):", ""]
     for p, c in r["same_maths"].items():
         lines.append(f"- {p}: {c}")
     lines += ["", "| sampling | authors pairs/s | ours pairs/s |", "|---|---|---|"]
     for s in r["sampling"]:
-        lines.append(f"| {s['preset']} | {s.get('authors_pairs_per_s')} | {s.get('pairs_per_s', s.get('error'))} |")
+        lines.append(
+            f"| {s['preset']} | {s.get('authors_pairs_per_s')} | {s.get('pairs_per_s', s.get('error'))} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -66,7 +66,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a pickle with code in it lands here too: weights_only refuses it
-        raise CheckpointError(f"{path.name}: not a loadable dHVAE checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"{path.name}: not a loadable dHVAE checkpoint ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path.name}: not a dHVAE checkpoint (expected format {FORMAT!r})")
     for key, kind in (("config", dict), ("model", dict), ("step", int)):
@@ -90,14 +92,18 @@ def build_model(config: DHVAEConfig) -> nn.Module:
     return DHVAE(config)
 
 
-def model_from_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def model_from_checkpoint(
+    path: Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a checkpoint and load its weights strictly. Returns (model, payload)."""
     payload = load_checkpoint(path, map_location)
     model = build_model(payload["config_obj"])
     try:
         model.load_state_dict(payload["model"], strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{Path(path).name}: weights do not fit the configuration it declares ({e})") from e
+        raise CheckpointError(
+            f"{Path(path).name}: weights do not fit the configuration it declares ({e})"
+        ) from e
     return model, payload
 
 

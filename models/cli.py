@@ -63,10 +63,16 @@ def _overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _cohort_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cohort", type=Path, required=True, help="cohort folder (nnU-Net, MSD or one folder per case)")
-    p.add_argument("--channel", default="flair", help="image channel to model (default flair; PET cohorts: pet)")
+    p.add_argument(
+        "--cohort", type=Path, required=True, help="cohort folder (nnU-Net, MSD or one folder per case)"
+    )
+    p.add_argument(
+        "--channel", default="flair", help="image channel to model (default flair; PET cohorts: pet)"
+    )
     p.add_argument("--label-rule", default="whole", help='"whole" (label > 0) or e.g. "labels:1,4"')
-    p.add_argument("--pet", action="store_true", help="robust percentile normalisation instead of per-slice min-max")
+    p.add_argument(
+        "--pet", action="store_true", help="robust percentile normalisation instead of per-slice min-max"
+    )
     p.add_argument("--cache-dir", type=Path, default=Path(".cache/dhvae"), help="preprocessing cache")
 
 
@@ -75,7 +81,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-model", type=Path, help="checkpoint to fine-tune from")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable"
+    )
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
 
 
@@ -86,7 +94,9 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dhvae", description="Discriminative Hamiltonian VAE data augmentation")
+    parser = argparse.ArgumentParser(
+        prog="dhvae", description="Discriminative Hamiltonian VAE data augmentation"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,14 +148,18 @@ def _presets(as_json: bool) -> int:
     else:
         for name, r in rows.items():
             c = r["parameters"]
-            print(f"{name:6s} C={r['config']['network']['base_channels']:<4d} encoder {c['encoder']:>11,d}  "
-                  f"decoder {c['decoder']:>11,d}  discriminator {c['discriminator']:>10,d}  total {c['total']:>11,d}")
+            print(
+                f"{name:6s} C={r['config']['network']['base_channels']:<4d} encoder {c['encoder']:>11,d}  "
+                f"decoder {c['decoder']:>11,d}  discriminator {c['discriminator']:>10,d}  total {c['total']:>11,d}"
+            )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.command == "presets":
         return _presets(args.json)
 
@@ -157,12 +171,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             r = pipeline.generate(
-                args.model, out_dir=args.out, n_pairs=args.n_pairs, seed=args.seed,
-                slices_per_volume=args.slices_per_volume, min_mask_area=args.min_mask_area,
-                progress=bar, device=args.device,
+                args.model,
+                out_dir=args.out,
+                n_pairs=args.n_pairs,
+                seed=args.seed,
+                slices_per_volume=args.slices_per_volume,
+                min_mask_area=args.min_mask_area,
+                progress=bar,
+                device=args.device,
             )
             bar.close()
-            print(f"{r.n_pairs} synthetic pairs in {r.out_dir} (acceptance {r.acceptance:.1%} of {r.draws} draws)")
+            print(
+                f"{r.n_pairs} synthetic pairs in {r.out_dir} (acceptance {r.acceptance:.1%} of {r.draws} draws)"
+            )
             return 0
 
         spec = CohortSpec(channel=args.channel, label_rule=args.label_rule)
@@ -176,17 +197,36 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             ing = pipeline.ingest(args.cohort, cache_dir=args.cache_dir, spec=spec, prep=prep, progress=bar)
             ckpt = pipeline.train(
-                ing, model_dir=args.model_dir, preset=args.preset, steps=args.steps, seed=args.seed,
-                base_checkpoint=args.base_model, overrides=overrides, progress=bar, device=args.device,
+                ing,
+                model_dir=args.model_dir,
+                preset=args.preset,
+                steps=args.steps,
+                seed=args.seed,
+                base_checkpoint=args.base_model,
+                overrides=overrides,
+                progress=bar,
+                device=args.device,
             )
             bar.close()
             print(f"model written to {ckpt}")
             return 0
         r = pipeline.augment(
-            args.cohort, out_dir=args.out, model_dir=args.model_dir, preset=args.preset, steps=args.steps,
-            seed=args.seed, n_pairs=args.n_pairs, slices_per_volume=args.slices_per_volume,
-            min_mask_area=args.min_mask_area, base_checkpoint=args.base_model, cache_dir=args.cache_dir,
-            spec=spec, prep=prep, overrides=overrides, progress=bar, device=args.device,
+            args.cohort,
+            out_dir=args.out,
+            model_dir=args.model_dir,
+            preset=args.preset,
+            steps=args.steps,
+            seed=args.seed,
+            n_pairs=args.n_pairs,
+            slices_per_volume=args.slices_per_volume,
+            min_mask_area=args.min_mask_area,
+            base_checkpoint=args.base_model,
+            cache_dir=args.cache_dir,
+            spec=spec,
+            prep=prep,
+            overrides=overrides,
+            progress=bar,
+            device=args.device,
         )
         bar.close()
         print(

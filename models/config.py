@@ -98,6 +98,10 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50  # steps; a killed run loses at most this many
     channels_last: bool = False  # faster convolutions on some CPUs/GPUs; numerically equivalent
+    # "fp32": the paper's precision. "bf16": autocast to bfloat16 for the forward passes (GPUs, and
+    # CPUs with AMX / AVX512-BF16, where it is ~1.6x faster; losses agree to ~1e-4 relative).
+    # "auto": bf16 where the hardware runs it natively, else fp32.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,9 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
         raise KeyError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        default = known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
+        default = (
+            known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
+        )
         sub = type(default()) if default is not None else None
         if sub is not None and dataclasses.is_dataclass(sub):
             kwargs[name] = _from_dict(sub, value)
@@ -175,6 +181,7 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 # --- presets --------------------------------------------------------------------------------------
+
 
 def _preset(name: str, **sections: Any) -> DHVAEConfig:
     base = DHVAEConfig()
@@ -194,7 +201,7 @@ PRESETS: dict[str, DHVAEConfig] = {
         "small",
         network={"base_channels": 32},
         loss={"disc_start": 150},
-        train={"batch_size": 8, "lr": 2e-4, "checkpoint_every": 25},
+        train={"batch_size": 8, "lr": 2e-4, "checkpoint_every": 25, "precision": "auto"},
     ),
     # For tests and smoke runs: a few steps in seconds. Same topology, tiny widths, no perceptual net.
     "tiny": _preset(

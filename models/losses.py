@@ -19,6 +19,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 # --- likelihood and densities ---------------------------------------------------------------------
 
+
 def log_bernoulli(logits: Tensor, x: Tensor) -> Tensor:
     """log p(x|z) = -BCE(sigmoid(logits), x) summed over both channels and all pixels. (B,).
 
@@ -40,6 +41,7 @@ def potential(logits: Tensor, x: Tensor, z: Tensor) -> Tensor:
 
 
 # --- the variational objectives -------------------------------------------------------------------
+
 
 def hvae_loss(logits_k: Tensor, x: Tensor, z_k: Tensor, rho_k: Tensor, e0: Tensor, logvar: Tensor) -> Tensor:
     """Negative HVAE ELBO (Caterini et al. 2018, eq. 9; method.md "Loss"), mean over the batch.
@@ -65,8 +67,12 @@ def vae_loss(logits: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
 
 # --- the discriminative regulariser ---------------------------------------------------------------
 
+
 def reconstruction_loss(
-    x: Tensor, x_hat: Tensor, perceptual: Callable[[Tensor], Tensor] | None = None, perceptual_weight: float = 1.0
+    x: Tensor,
+    x_hat: Tensor,
+    perceptual: Callable[[Tensor], Tensor] | None = None,
+    perceptual_weight: float = 1.0,
 ) -> Tensor:
     """L_rec = mean over batch of sum over (C, H, W) of |x - x_hat| + LPIPS(x, x_hat).
 
@@ -101,6 +107,7 @@ def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, weight: Tensor, max_value:
 
 
 # --- LSGAN (baseline) -----------------------------------------------------------------------------
+
 
 def lsgan_generator_loss(logits_fake: Tensor) -> Tensor:
     """Least-squares GAN (Mao et al. 2017), generator: 0.5 * mean((D(G(z)) - 1)^2)."""

@@ -101,7 +101,9 @@ def _level(c_in: int, c_out: int, cfg: NetworkConfig, attention: bool) -> list[n
 
 def _middle(c: int, cfg: NetworkConfig) -> nn.Sequential:
     return nn.Sequential(
-        ResBlock(c, c, cfg.num_groups), SelfAttention(c, cfg.num_groups, cfg.attn_heads), ResBlock(c, c, cfg.num_groups)
+        ResBlock(c, c, cfg.num_groups),
+        SelfAttention(c, cfg.num_groups, cfg.attn_heads),
+        ResBlock(c, c, cfg.num_groups),
     )
 
 

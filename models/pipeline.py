@@ -24,7 +24,13 @@ from .checkpoint import build_model, load_checkpoint, model_from_checkpoint
 from .cohort import CohortSpec, read_cohort
 from .config import DHVAEConfig, get_preset
 from .errors import CheckpointError, DHVAEError
-from .export import NnUNetExporter, completed_synthetic_indices, sha256_file, synthetic_case_id, write_json_atomic
+from .export import (
+    NnUNetExporter,
+    completed_synthetic_indices,
+    sha256_file,
+    synthetic_case_id,
+    write_json_atomic,
+)
 from .preprocess import PreprocessConfig, ResampledCase, SliceSet, preprocess_cohort
 from .progress import Progress, ProgressFn, Reporter, StopFn
 from .sampler import BatchDone, sample_pairs
@@ -40,6 +46,7 @@ def default_device() -> torch.device:
 
 
 # --- ingest ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class IngestResult:
@@ -75,6 +82,7 @@ def ingest(
 
 # --- train ----------------------------------------------------------------------------------------
 
+
 def make_config(
     preset: str, *, steps: int, seed: int, image_size: int, overrides: dict[str, Any] | None = None
 ) -> DHVAEConfig:
@@ -84,7 +92,9 @@ def make_config(
     )
     n_down = len(cfg.network.channel_mult) - 1
     if cfg.network.image_size % 2**n_down:
-        raise DHVAEError(f"slice size {cfg.network.image_size} is not divisible by {2**n_down} (the network downsamples)")
+        raise DHVAEError(
+            f"slice size {cfg.network.image_size} is not divisible by {2**n_down} (the network downsamples)"
+        )
     return cfg
 
 
@@ -167,7 +177,11 @@ def _load_base(model: torch.nn.Module, cfg: DHVAEConfig, path: Path) -> None:
     """Fine-tuning: start from a base model's weights; its network must be the one ``cfg`` builds."""
     payload = load_checkpoint(path)
     base_cfg: DHVAEConfig = payload["config_obj"]
-    if (base_cfg.model, base_cfg.network, base_cfg.discriminator) != (cfg.model, cfg.network, cfg.discriminator):
+    if (base_cfg.model, base_cfg.network, base_cfg.discriminator) != (
+        cfg.model,
+        cfg.network,
+        cfg.discriminator,
+    ):
         raise CheckpointError(
             f"{path.name}: base model is a {base_cfg.model!r}/{base_cfg.preset!r} network, but preset "
             f"{cfg.preset!r} at {cfg.network.image_size} px builds a different one; fine-tune with the same preset"
@@ -176,6 +190,7 @@ def _load_base(model: torch.nn.Module, cfg: DHVAEConfig, path: Path) -> None:
 
 
 # --- generate -------------------------------------------------------------------------------------
+
 
 @dataclass
 class GenerateResult:
@@ -233,7 +248,10 @@ def generate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     exporter = NnUNetExporter(
-        out_dir, str(extra.get("channel", "image")).upper(), grid=extra.get("grid_affine", np.eye(4)), slice_shape=(size, size)
+        out_dir,
+        str(extra.get("channel", "image")).upper(),
+        grid=extra.get("grid_affine", np.eye(4)),
+        slice_shape=(size, size),
     )
     for case in real_cases or []:
         exporter.add_real_case(case)
@@ -258,8 +276,14 @@ def generate(
     writer = None
     try:
         for item in sample_pairs(
-            model, total, seed=seed, cfg=sampling, image_size=size,
-            start_batch=start_batch, accepted_before=batches[start_batch], device=device,
+            model,
+            total,
+            seed=seed,
+            cfg=sampling,
+            image_size=size,
+            start_batch=start_batch,
+            accepted_before=batches[start_batch],
+            device=device,
         ):
             if isinstance(item, BatchDone):
                 journal["batches"][str(item.batch + 1)] = item.accepted_total
@@ -327,6 +351,7 @@ def _complete_prefix(out_dir: Path, n_pairs: int) -> int:
 
 # --- augment --------------------------------------------------------------------------------------
 
+
 @dataclass
 class AugmentResult:
     out_dir: Path
@@ -360,13 +385,32 @@ def augment(
     model_dir = Path(model_dir) if model_dir else out_dir.parent / f".{out_dir.name}.model"
     ing = ingest(Path(cohort_dir), cache_dir=cache_dir, spec=spec, prep=prep, progress=progress)
     ckpt = train(
-        ing, model_dir=model_dir, preset=preset, steps=steps, seed=seed, base_checkpoint=base_checkpoint,
-        overrides=overrides, progress=progress, should_stop=should_stop, device=device,
+        ing,
+        model_dir=model_dir,
+        preset=preset,
+        steps=steps,
+        seed=seed,
+        base_checkpoint=base_checkpoint,
+        overrides=overrides,
+        progress=progress,
+        should_stop=should_stop,
+        device=device,
     )
     gen = generate(
-        ckpt, out_dir=out_dir, n_pairs=n_pairs, seed=seed, slices_per_volume=slices_per_volume,
-        min_mask_area=min_mask_area, real_cases=ing.slices.cases,
-        manifest_extras={"cohort": {k: ing.summary[k] for k in ("layout", "cases", "channel", "tumour_slices", "training_slices")}},
-        progress=progress, should_stop=should_stop, device=device,
+        ckpt,
+        out_dir=out_dir,
+        n_pairs=n_pairs,
+        seed=seed,
+        slices_per_volume=slices_per_volume,
+        min_mask_area=min_mask_area,
+        real_cases=ing.slices.cases,
+        manifest_extras={
+            "cohort": {
+                k: ing.summary[k] for k in ("layout", "cases", "channel", "tumour_slices", "training_slices")
+            }
+        },
+        progress=progress,
+        should_stop=should_stop,
+        device=device,
     )
     return AugmentResult(out_dir, ckpt, ing.summary, gen)

@@ -29,7 +29,13 @@ class Reporter:
     """Turns counts into :class:`Progress` reports with a rate and ETA, and checks for cancellation."""
 
     def __init__(
-        self, stage: str, total: int, unit: str, progress: ProgressFn | None, should_stop: StopFn | None, start: int = 0
+        self,
+        stage: str,
+        total: int,
+        unit: str,
+        progress: ProgressFn | None,
+        should_stop: StopFn | None,
+        start: int = 0,
     ):
         self.stage, self.total, self.unit = stage, total, unit
         self._progress, self._should_stop = progress, should_stop

@@ -72,7 +72,9 @@ def sample_pairs(
                 f"only {accepted} of {n} pairs reached the mask-area floor of {floor} px after {draws} draws "
                 f"(acceptance {accepted / max(draws, 1):.1%}). Train longer, or lower min_mask_area."
             )
-        z = torch.randn(cfg.batch_size, model.cfg.network.latent_dim, generator=step_generator(seed, b, stream=2))
+        z = torch.randn(
+            cfg.batch_size, model.cfg.network.latent_dim, generator=step_generator(seed, b, stream=2)
+        )
         out = model.decode(z.to(device)).float().cpu()
         images = out[:, 0].numpy().astype(np.float32)
         masks = (out[:, 1] > cfg.mask_threshold).numpy().astype(np.uint8)

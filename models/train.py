@@ -10,6 +10,7 @@ uninterrupted run would have, and the same seed, config and data give the same w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -44,6 +45,22 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> Tensor:
     return order[j * batch_size : (j + 1) * batch_size]
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether bfloat16 matrix work runs natively here (CUDA with bf16, or a CPU with AMX / AVX512-BF16)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The forward-pass precision context for ``TrainConfig.precision``."""
+    device = torch.device(device)
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_native(device))
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -53,10 +70,16 @@ class TrainResult:
 
 def _optimizers(model: nn.Module, cfg: DHVAEConfig) -> dict[str, torch.optim.Optimizer]:
     t = cfg.train
-    opts = {"generator": torch.optim.AdamW(model.generator_parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)}
+    opts = {
+        "generator": torch.optim.AdamW(
+            model.generator_parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay
+        )
+    }
     d_params = model.discriminator_parameters()
     if d_params:
-        opts["discriminator"] = torch.optim.AdamW(d_params, lr=t.disc_lr, betas=t.betas, weight_decay=t.weight_decay)
+        opts["discriminator"] = torch.optim.AdamW(
+            d_params, lr=t.disc_lr, betas=t.betas, weight_decay=t.weight_decay
+        )
     return opts
 
 
@@ -110,7 +133,8 @@ def fit(
         if t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
 
-        out = model.training_losses(x, step, step_generator(t.seed, step))
+        with autocast(t.precision, device):
+            out = model.training_losses(x, step, step_generator(t.seed, step))
         _check_finite(step, "the generator loss", out.loss.detach(), checkpoint)
         opts["generator"].zero_grad(set_to_none=True)
         out.loss.backward()
@@ -119,7 +143,8 @@ def fit(
         opts["generator"].step()
         metrics = {"loss": out.loss.item(), **out.metrics}
 
-        d_loss = model.discriminator_loss(x, out.fake, step)
+        with autocast(t.precision, device):
+            d_loss = model.discriminator_loss(x, out.fake, step)
         if d_loss is not None:
             _check_finite(step, "the discriminator loss", d_loss.detach(), checkpoint)
             opts["discriminator"].zero_grad(set_to_none=True)
@@ -131,7 +156,10 @@ def fit(
         if done % t.checkpoint_every == 0 or done == t.steps:
             save_checkpoint(checkpoint, model=model, config=cfg, step=done, optimizers=opts, extra=extra)
         reporter.report(
-            done, epoch=float(step // max(1, n // t.batch_size)), slices_per_s=reporter.rate(done) * t.batch_size, **metrics
+            done,
+            epoch=float(step // max(1, n // t.batch_size)),
+            slices_per_s=reporter.rate(done) * t.batch_size,
+            **metrics,
         )
 
     return TrainResult(step=t.steps, metrics=metrics, slices_per_s=reporter.rate(t.steps) * t.batch_size)

@@ -48,7 +48,9 @@ def test_energy_error_shrinks_with_step_size():
     z0, rho0 = torch.ones(1, 2), torch.ones(1, 2)
     errs = []
     for eps in (0.1, 0.05):
-        out = leapfrog_flow(z0, rho0, gaussian_grad(p), n_steps=round(1 / eps), step_size=eps, tempering=False)
+        out = leapfrog_flow(
+            z0, rho0, gaussian_grad(p), n_steps=round(1 / eps), step_size=eps, tempering=False
+        )
         errs.append((energy(out.z, out.rho, p) - energy(z0, rho0, p)).abs().item())
     assert 3.0 < errs[0] / errs[1] < 5.0  # halving eps divides the error by ~4
 

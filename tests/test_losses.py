@@ -15,7 +15,13 @@ def test_log_bernoulli_matches_hand_value():
     x = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
     p = torch.sigmoid(logits)
     hand = sum(
-        math.log(v) for v in [p[0, 0, 0, 0].item(), 1 - p[0, 0, 0, 1].item(), 1 - p[0, 1, 0, 0].item(), p[0, 1, 0, 1].item()]
+        math.log(v)
+        for v in [
+            p[0, 0, 0, 0].item(),
+            1 - p[0, 0, 0, 1].item(),
+            1 - p[0, 1, 0, 0].item(),
+            p[0, 1, 0, 1].item(),
+        ]
     )
     assert losses.log_bernoulli(logits, x).item() == pytest.approx(hand, rel=1e-6)
 
@@ -68,13 +74,21 @@ def test_adaptive_weight_is_norm_ratio_and_clamped():
 
 def test_lsgan_losses():
     assert losses.lsgan_generator_loss(torch.tensor([1.0, 3.0])).item() == pytest.approx(0.5 * 2.0)
-    assert losses.lsgan_discriminator_loss(torch.tensor([1.0]), torch.tensor([2.0])).item() == pytest.approx(2.0)
+    assert losses.lsgan_discriminator_loss(torch.tensor([1.0]), torch.tensor([2.0])).item() == pytest.approx(
+        2.0
+    )
 
 
 def _lambda(mode: str) -> float:
     torch.manual_seed(0)
-    cfg = get_preset("tiny").replace(**{"loss.adaptive_weight": mode, "loss.disc_start": 0, "loss.adaptive_weight_max": 1e12,
-                                         "network.image_size": 64})
+    cfg = get_preset("tiny").replace(
+        **{
+            "loss.adaptive_weight": mode,
+            "loss.disc_start": 0,
+            "loss.adaptive_weight_max": 1e12,
+            "network.image_size": 64,
+        }
+    )
     model = build_model(cfg)
     x = torch.rand(2, 2, 64, 64)
     out = model.training_losses(x, step=0, rng=torch.Generator().manual_seed(1))

@@ -67,8 +67,13 @@ def test_generate_resumes_byte_identical_after_interruption(trained, tmp_path):
     pipeline.generate(ckpt, out_dir=tmp_path / "straight", **kw)
     done = []
     with pytest.raises(Cancelled):
-        pipeline.generate(ckpt, out_dir=tmp_path / "cut", progress=lambda p: done.append(p.done),
-                          should_stop=lambda: len(done) > 3, **kw)
+        pipeline.generate(
+            ckpt,
+            out_dir=tmp_path / "cut",
+            progress=lambda p: done.append(p.done),
+            should_stop=lambda: len(done) > 3,
+            **kw,
+        )
     partial = synthetic_bytes(tmp_path / "cut")
     assert 0 < len(partial) < 12 and not list((tmp_path / "cut").rglob("*.partial"))
     r = pipeline.generate(ckpt, out_dir=tmp_path / "cut", **kw)
@@ -94,8 +99,18 @@ def test_low_acceptance_is_a_clear_error(trained, tmp_path):
 
 def test_augment_writes_real_and_synthetic(trained, tmp_path):
     root, cohort, _, _ = trained
-    r = pipeline.augment(cohort, out_dir=tmp_path / "aug", preset="tiny", steps=4, seed=0, n_pairs=3,
-                         min_mask_area=20, cache_dir=root / "cache", prep=PREP, device="cpu")
+    r = pipeline.augment(
+        cohort,
+        out_dir=tmp_path / "aug",
+        preset="tiny",
+        steps=4,
+        seed=0,
+        n_pairs=3,
+        min_mask_area=20,
+        cache_dir=root / "cache",
+        prep=PREP,
+        device="cpu",
+    )
     ds = json.loads((tmp_path / "aug" / "dataset.json").read_text())
     assert ds["numTraining"] == 6 and ds["real_cases"] == 3 and ds["synthetic_cases"] == 3
     assert r.checkpoint.exists()
@@ -108,10 +123,20 @@ def test_augment_writes_real_and_synthetic(trained, tmp_path):
 
 def test_fine_tune_from_base_model(trained, tmp_path):
     _, _, ing, ckpt = trained
-    ft = pipeline.train(ing, model_dir=tmp_path / "ft", preset="tiny", steps=2, seed=0, base_checkpoint=ckpt, device="cpu")
+    ft = pipeline.train(
+        ing, model_dir=tmp_path / "ft", preset="tiny", steps=2, seed=0, base_checkpoint=ckpt, device="cpu"
+    )
     assert ft.exists()
     with pytest.raises(Exception, match="same preset"):
-        pipeline.train(ing, model_dir=tmp_path / "ft2", preset="small", steps=1, seed=0, base_checkpoint=ckpt, device="cpu")
+        pipeline.train(
+            ing,
+            model_dir=tmp_path / "ft2",
+            preset="small",
+            steps=1,
+            seed=0,
+            base_checkpoint=ckpt,
+            device="cpu",
+        )
 
 
 @pytest.mark.slow
@@ -119,16 +144,35 @@ def test_fine_tune_from_base_model(trained, tmp_path):
 def test_cli_augment_on_real_brats(tmp_path):
     """The issue's exact command, from the repository root (output redirected to tmp)."""
     out = tmp_path / "augmented"
-    cmd = [str(REPO / ".venv/bin/dhvae"), "--no-progress", "augment", "--cohort", "../shared/data/brats2015-deepmedic/train",
-           "--preset", "tiny", "--steps", "30", "--n-pairs", "12", "--seed", "7", "--out", str(out),
-           "--cache-dir", str(tmp_path / "cache")]
+    cmd = [
+        str(REPO / ".venv/bin/dhvae"),
+        "--no-progress",
+        "augment",
+        "--cohort",
+        "../shared/data/brats2015-deepmedic/train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "30",
+        "--n-pairs",
+        "12",
+        "--seed",
+        "7",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     images = sorted(p.name for p in (out / "imagesTr").iterdir())
     labels = sorted(p.name for p in (out / "labelsTr").iterdir())
     assert len([n for n in images if n.startswith("synth_")]) == 12
     assert len([n for n in labels if n.startswith("synth_")]) == 12
-    assert {n for n in images if not n.startswith("synth_")} == {"brats_2013_pat0005_1_0000.nii.gz", "brats_2013_pat0006_1_0000.nii.gz"}
+    assert {n for n in images if not n.startswith("synth_")} == {
+        "brats_2013_pat0005_1_0000.nii.gz",
+        "brats_2013_pat0006_1_0000.nii.gz",
+    }
     manifest = verify_dataset(out)
     assert manifest["cohort"]["cases"] == ["brats_2013_pat0005_1", "brats_2013_pat0006_1"]
     for name in labels:
@@ -142,14 +186,20 @@ def test_cli_reports_bad_cohort_cleanly(tmp_path):
     (tmp_path / "case1").mkdir()
     (tmp_path / "case1" / "flair.nii.gz").write_bytes(b"not a nifti")
     (tmp_path / "case1" / "seg.nii.gz").write_bytes(b"not a nifti")
-    proc = subprocess.run([str(REPO / ".venv/bin/dhvae"), "ingest", "--cohort", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(REPO / ".venv/bin/dhvae"), "ingest", "--cohort", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "case1/flair.nii.gz" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_presets_json():
-    proc = subprocess.run([str(REPO / ".venv/bin/dhvae"), "presets", "--json"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(REPO / ".venv/bin/dhvae"), "presets", "--json"], capture_output=True, text=True, timeout=120
+    )
     rows = json.loads(proc.stdout)
     assert set(rows) >= {"paper", "small", "tiny"}
     p = rows["paper"]["parameters"]

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint import build_model, load_checkpoint, model_from_checkpoint, save_checkpoint, validate_checkpoint
+from models.checkpoint import (
+    build_model,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    validate_checkpoint,
+)
 from models.config import PRESETS, DHVAEConfig, get_preset
 from models.errors import Cancelled, CheckpointError, TrainingDiverged
 from models.network import count_parameters
@@ -30,7 +36,9 @@ def toy_data(n: int = 8, seed: int = 0, size: int = SIZE) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
     out = torch.zeros(n, 2, size, size)
     for i in range(n):
-        cy, cx, r = (torch.rand(3, generator=g) * torch.tensor([0.45, 0.45, 0.12]) + torch.tensor([0.27, 0.27, 0.1])).tolist()
+        cy, cx, r = (
+            torch.rand(3, generator=g) * torch.tensor([0.45, 0.45, 0.12]) + torch.tensor([0.27, 0.27, 0.1])
+        ).tolist()
         cy, cx, r = cy * size, cx * size, r * size
         disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r).float()
         out[i, 0] = 0.2 + 0.6 * disc + 0.05 * torch.rand(size, size, generator=g)
@@ -51,7 +59,9 @@ def train_tiny(tmp: Path, steps: int, seed: int = 0, **over) -> torch.nn.Module:
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    return all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
 
 
 def test_presets_shapes_and_parameter_counts():
@@ -76,7 +86,13 @@ def test_loss_decreases_on_tiny_data(tmp_path):
     cfg = tiny(40, **{"loss.disc_start": 1000})
     model = build_model(cfg)
     seen = []
-    fit(model, toy_data(), cfg, checkpoint=tmp_path / "c.pt", progress=lambda p: seen.append(p.metrics["hvae"]))
+    fit(
+        model,
+        toy_data(),
+        cfg,
+        checkpoint=tmp_path / "c.pt",
+        progress=lambda p: seen.append(p.metrics["hvae"]),
+    )
     assert len(seen) == 40
     assert sum(seen[-5:]) / 5 < 0.8 * sum(seen[:5]) / 5
 
@@ -152,8 +168,14 @@ def test_cancel_between_steps(tmp_path):
     cfg = tiny(50)
     seen = []
     with pytest.raises(Cancelled):
-        fit(build_model(cfg), toy_data(), cfg, checkpoint=tmp_path / "c.pt",
-            progress=lambda p: seen.append(p.done), should_stop=lambda: len(seen) >= 3)
+        fit(
+            build_model(cfg),
+            toy_data(),
+            cfg,
+            checkpoint=tmp_path / "c.pt",
+            progress=lambda p: seen.append(p.done),
+            should_stop=lambda: len(seen) >= 3,
+        )
     assert seen == [1, 2, 3]
 
 

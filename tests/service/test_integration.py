@@ -194,9 +194,9 @@ def test_cancel_running_training(stack, cohort):
 # ---------------------------------------------------------------------------------------------- kill -9
 @pytest.fixture(scope="module")
 def trained_after_kill(stack, cohort) -> tuple[str, list[dict]]:
-    """A training whose worker child is killed -9 after its first checkpoint (step 10 of 12)."""
+    """A training whose worker child is killed -9 after its first checkpoint (step 10 of 14)."""
     r = stack.http.post(
-        "/v1/trainings", json={"cohort_id": cohort, "preset": "tiny", "steps": 12, "seed": 3}, headers=A
+        "/v1/trainings", json={"cohort_id": cohort, "preset": "tiny", "steps": 14, "seed": 3}, headers=A
     )
     job_id, model_id = r.json()["job_id"], r.json()["model_id"]
     events: list[dict] = []
@@ -231,7 +231,7 @@ def test_kill_worker_mid_training_resumes_from_checkpoint(stack, trained_after_k
 
 def test_kill_worker_mid_generation_gives_exact_identical_pairs(stack, trained_after_kill):
     model_id = trained_after_kill[0]
-    n = 24
+    n = 40
     req = {"model_id": model_id, "n_pairs": n, "seed": 11, "min_mask_area": 0}  # a 12-step model: accept all
     killed = stack.http.post("/v1/generations", json=req, headers=A).json()["job_id"]
     stack.wait(
@@ -293,7 +293,7 @@ def test_whole_worker_killed_job_is_requeued_by_janitor(stack, cohort):
     """kill -9 of the whole worker (parent and child): only the janitor of the next worker brings the
     job back (the visibility timeout is days)."""
     r = stack.http.post(
-        "/v1/trainings", json={"cohort_id": cohort, "preset": "tiny", "steps": 12, "seed": 9}, headers=A
+        "/v1/trainings", json={"cohort_id": cohort, "preset": "tiny", "steps": 14, "seed": 9}, headers=A
     )
     job_id = r.json()["job_id"]
     stack.wait(job_id, lambda j: j["progress"]["stage"] == "train" and j["progress"]["done"] >= 11)
