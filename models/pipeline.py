@@ -216,7 +216,7 @@ def _journal(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
                 f"({journal['settings']}); use a new output folder"
             )
         return journal
-    return {"settings": settings, "batches": {"0": 0}, "draws": 0}
+    return {"settings": settings, "batches": {"0": 0}, "passed": {"0": 0}, "draws": 0}
 
 
 def generate(
@@ -283,10 +283,12 @@ def generate(
             image_size=size,
             start_batch=start_batch,
             accepted_before=batches[start_batch],
+            passed_before=journal["passed"][str(start_batch)],
             device=device,
         ):
             if isinstance(item, BatchDone):
                 journal["batches"][str(item.batch + 1)] = item.accepted_total
+                journal["passed"][str(item.batch + 1)] = item.passed_total
                 journal["draws"] = max(journal["draws"], item.draws_total)
                 write_json_atomic(out_dir / JOURNAL, journal)
                 continue
@@ -306,6 +308,7 @@ def generate(
             writer.abort()
 
     draws = journal["draws"]
+    passed = journal["passed"][str(max(int(b) for b in journal["passed"]))]
     exporter.finalize(
         {
             "generator": {
@@ -321,12 +324,12 @@ def generate(
                 "slices_per_volume": slices_per_volume,
                 "min_mask_area": sampling.area_floor(size),
                 "draws": draws,
-                "acceptance": round(total / draws, 6) if draws else None,
+                "acceptance": round(passed / draws, 6) if draws else None,
             },
             **(manifest_extras or {}),
         }
     )
-    return GenerateResult(out_dir, n_pairs, slices_per_volume, draws, total / draws if draws else 0.0, done)
+    return GenerateResult(out_dir, n_pairs, slices_per_volume, draws, passed / draws if draws else 0.0, done)
 
 
 def _with_floor(cfg: DHVAEConfig, area: int):

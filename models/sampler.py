@@ -39,6 +39,7 @@ class BatchDone:
     batch: int
     accepted_total: int
     draws_total: int
+    passed_total: int  # candidates over the floor, including those past n in the last batch
 
 
 def max_draws(n: int, cfg: SamplingConfig) -> int:
@@ -55,6 +56,7 @@ def sample_pairs(
     image_size: int,
     start_batch: int = 0,
     accepted_before: int = 0,
+    passed_before: int = 0,
     device: torch.device | str = "cpu",
 ) -> Iterator[Pair | BatchDone]:
     """Yield accepted pairs ``accepted_before .. n-1`` in order, with a :class:`BatchDone` after each batch.
@@ -63,7 +65,7 @@ def sample_pairs(
     """
     floor = cfg.area_floor(image_size)
     cap = max_draws(n, cfg)
-    accepted, b = accepted_before, start_batch
+    accepted, b, passed = accepted_before, start_batch, passed_before
     model.eval()
     while accepted < n:
         draws = b * cfg.batch_size
@@ -79,10 +81,11 @@ def sample_pairs(
         images = out[:, 0].numpy().astype(np.float32)
         masks = (out[:, 1] > cfg.mask_threshold).numpy().astype(np.uint8)
         for i in range(cfg.batch_size):
-            if accepted >= n:
-                break
-            if int(masks[i].sum()) >= floor:
+            if int(masks[i].sum()) < floor:
+                continue
+            passed += 1
+            if accepted < n:
                 yield Pair(accepted, images[i], masks[i], b)
                 accepted += 1
         b += 1
-        yield BatchDone(b - 1, accepted, b * cfg.batch_size)
+        yield BatchDone(b - 1, accepted, b * cfg.batch_size, passed)
