@@ -92,7 +92,9 @@ def main() -> None:
 
         # Calibrate the number of steps to the budget with a short timed run (counted in the budget).
         t0 = time.perf_counter()
-        probe = pipeline.train(train, model_dir=tmp / "probe", preset="small", steps=3, seed=args.seed, device="cpu")
+        probe = pipeline.train(
+            train, model_dir=tmp / "probe", preset="small", steps=3, seed=args.seed, device="cpu"
+        )
         per_step = (time.perf_counter() - t0) / 3
         steps = max(10, int(args.minutes * 60 / per_step * 0.95) - 3)
         del probe
@@ -105,7 +107,13 @@ def main() -> None:
 
         t1 = time.perf_counter()
         ckpt = pipeline.train(
-            train, model_dir=tmp / "small", preset="small", steps=steps, seed=args.seed, device="cpu", progress=progress
+            train,
+            model_dir=tmp / "small",
+            preset="small",
+            steps=steps,
+            seed=args.seed,
+            device="cpu",
+            progress=progress,
         )
         train_minutes = (time.perf_counter() - t1) / 60 + 3 * per_step / 60
         model, payload = model_from_checkpoint(ckpt)
@@ -116,7 +124,9 @@ def main() -> None:
         untrained = build_model(cfg)
         try:
             untrained_pairs, untrained_acc = sample(untrained, min(args.n_samples, 50), seed=1)
-            untrained_q = quality_metrics(untrained_pairs, heldout, real_train, train_case_ids=train.slices.case_ids)
+            untrained_q = quality_metrics(
+                untrained_pairs, heldout, real_train, train_case_ids=train.slices.case_ids
+            )
         except Exception as e:  # an untrained decoder rarely reaches the area floor
             untrained_acc, untrained_q = {"error": str(e)}, None
         q = quality_metrics(synth, heldout, real_train, train_case_ids=train.slices.case_ids)
@@ -168,14 +178,21 @@ def report(r: dict) -> str:
         "|---|---|---|---|",
     ]
     for k in keys:
+
         def cell(d, k=k):
             return "-" if d is None or k not in d else f"{d[k]:.3f}"
 
-        lines.append(f"| {k} | {cell(q['untrained'])} | {cell(q['small_trained'])} | {cell(q['real_train_vs_heldout'])} |")
+        lines.append(
+            f"| {k} | {cell(q['untrained'])} | {cell(q['small_trained'])} | {cell(q['real_train_vs_heldout'])} |"
+        )
     mem = q["small_trained"].get("memorisation")
     if mem:
         lines += ["", f"Memorisation: {mem}"]
-    lines += ["", "Preview (`small_quality.png`): top row real held-out slices, then synthetic pairs (mask outline red).", ""]
+    lines += [
+        "",
+        "Preview (`small_quality.png`): top row real held-out slices, then synthetic pairs (mask outline red).",
+        "",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
 import redis
+import redis.asyncio
 
 from contract.schemas import TERMINAL_STATES, JobError, JobKind, JobOut, JobProgress, JobState
 
@@ -112,6 +113,17 @@ def to_out(rec: Mapping[str, str], links: dict[str, str] | None = None) -> JobOu
     )
 
 
+def _visible(rec: dict[str, str], tenant: str | None) -> dict[str, str] | None:
+    if not rec or (tenant is not None and rec.get("tenant") != tenant):
+        return None
+    return rec
+
+
+async def aget(client: redis.asyncio.Redis, job_id: str, tenant: str | None = None) -> dict[str, str] | None:
+    """``JobStore.get`` on an asyncio client (the API's hot read path: no thread hop)."""
+    return _visible(decode(await client.hgetall(job_key(job_id))), tenant)
+
+
 class JobStore:
     """Reads and changes job records. Used by the API (create, read, cancel) and workers (the rest)."""
 
@@ -161,10 +173,7 @@ class JobStore:
 
     def get(self, job_id: str, tenant: str | None = None) -> dict[str, str] | None:
         """The record, or None if unknown or (when ``tenant`` is given) another tenant's."""
-        rec = decode(self.r.hgetall(job_key(job_id)))
-        if not rec or (tenant is not None and rec.get("tenant") != tenant):
-            return None
-        return rec
+        return _visible(decode(self.r.hgetall(job_key(job_id))), tenant)
 
     def list_ids(self, tenant: str, limit: int = 100) -> list[str]:
         return [_s(x) for x in self.r.zrevrange(tenant_jobs_key(tenant), 0, limit - 1)]

@@ -113,6 +113,7 @@ class SamplingConfig:
     min_mask_area: int | None = None  # None: 200 px at 128 x 128, scaled with the slice area
     max_draws_factor: int = 50  # give up after max(1000, factor * n) draws
     min_draws: int = 1000
+    channels_last: bool = True  # NHWC decoding: ~2x faster convolutions on CPU (oneDNN), same maths
 
     def area_floor(self, image_size: int) -> int:
         if self.min_mask_area is not None:

@@ -67,6 +67,8 @@ def sample_pairs(
     cap = max_draws(n, cfg)
     accepted, b, passed = accepted_before, start_batch, passed_before
     model.eval()
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     while accepted < n:
         draws = b * cfg.batch_size
         if draws >= cap:

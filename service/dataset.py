@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -21,7 +21,8 @@ from service.zipstream import ZipStream
 
 NIFTI = re.compile(r"^[^.][^/]*\.nii\.gz$")
 LAST_FILES = ("dataset.json", "manifest.json")
-TEMP_SUFFIXES = (".partial", ".tmp")  # files being written (models.nifti, write_json_atomic)
+TEMP_SUFFIXES = (".partial", ".tmp")
+BLOCK = 512 * 1024  # files being written (models.nifti, write_json_atomic)
 
 
 class JobAborted(Exception):
@@ -58,6 +59,21 @@ def remaining_files(out_dir: Path, sent: set[str]) -> list[str]:
     return rest + [f for f in LAST_FILES if f in files and f not in sent]
 
 
+def _zip_blocks(zs: ZipStream, out_dir: Path, rels: list[str], sent: set[str]) -> Iterator[bytes]:
+    """Zip ``rels`` into blocks of at least BLOCK bytes (many small NIfTI files per block: one thread hop
+    and one ASGI message per block, not per file). Memory: one block plus one read chunk."""
+    buf = bytearray()
+    for rel in rels:
+        for chunk in zs.add_file(out_dir / rel, rel):
+            buf += chunk
+            if len(buf) >= BLOCK:
+                yield bytes(buf)
+                buf.clear()
+        sent.add(rel)
+    if buf:
+        yield bytes(buf)
+
+
 async def stream_dataset(
     out_dir: Path, job_state: Callable[[], JobState | None], poll_s: float
 ) -> AsyncIterator[bytes]:
@@ -65,29 +81,24 @@ async def stream_dataset(
     zs = ZipStream()
     sent: set[str] = set()
 
-    async def send(rel: str) -> AsyncIterator[bytes]:
-        it = zs.add_file(out_dir / rel, rel)
-        while (chunk := await anyio.to_thread.run_sync(next, it, None)) is not None:
-            if chunk:
-                yield chunk
-        sent.add(rel)
+    async def send(rels: list[str]) -> AsyncIterator[bytes]:
+        blocks = _zip_blocks(zs, out_dir, rels, sent)
+        while (block := await anyio.to_thread.run_sync(next, blocks, None)) is not None:
+            yield block
 
     while True:
         state = await anyio.to_thread.run_sync(job_state)
         if state in (JobState.failed, JobState.cancelled, None):
             raise JobAborted(f"job ended {state.value if state else 'unknown'} during the download")
         pairs = await anyio.to_thread.run_sync(complete_pairs, out_dir)
-        for _case, files in pairs:
-            for rel in files:
-                if rel not in sent:
-                    async for chunk in send(rel):
-                        yield chunk
+        new = [rel for _case, files in pairs for rel in files if rel not in sent]
+        async for block in send(new):
+            yield block
         if state == JobState.succeeded:
             break
         await anyio.sleep(poll_s)
-    for rel in await anyio.to_thread.run_sync(remaining_files, out_dir, sent):
-        async for chunk in send(rel):
-            yield chunk
+    async for block in send(await anyio.to_thread.run_sync(remaining_files, out_dir, sent)):
+        yield block
     yield zs.close()
 
 

@@ -17,6 +17,7 @@ import redis
 import redis.asyncio
 from celery import Celery
 from fastapi import Depends, Request
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -78,7 +79,8 @@ class Context:
         url = settings.require_redis_url()
         retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
         client = redis.Redis.from_url(url, retry=retry, socket_timeout=10, health_check_interval=30)
-        aclient = redis.asyncio.Redis.from_url(url, health_check_interval=30)
+        aretry = AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
+        aclient = redis.asyncio.Redis.from_url(url, retry=aretry, health_check_interval=30)
         celery = Celery("dhvae-api", set_as_current=False)
         celery.conf.update(celery_config(settings))
         keys = KeyRing(settings.api_keys)
@@ -96,11 +98,11 @@ class Context:
         )
 
 
-def get_ctx(request: Request) -> Context:
+async def get_ctx(request: Request) -> Context:
     return request.app.state.ctx
 
 
-def require_tenant(request: Request, ctx: Annotated[Context, Depends(get_ctx)]) -> str:
+async def require_tenant(request: Request, ctx: Annotated[Context, Depends(get_ctx)]) -> str:
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     tenant = ctx.keys.tenant_for(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
     if tenant is None:

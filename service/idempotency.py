@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import redis
+from fastapi import Response
 from fastapi.responses import JSONResponse
 
 from service.errors import ApiError
@@ -49,7 +50,7 @@ class Idempotency:
             return JSONResponse(saved["body"], status_code=saved["status"], headers=headers)
         raise ApiError(409, "Idempotency-Key is contended; retry")
 
-    def finish(self, tenant: str, key: str, fingerprint: str | None, response: JSONResponse) -> None:
+    def finish(self, tenant: str, key: str, fingerprint: str | None, response: Response) -> None:
         saved = {
             "state": "done",
             "fp": fingerprint,
@@ -63,8 +64,8 @@ class Idempotency:
         self.r.delete(self._key(tenant, key))
 
     def run(
-        self, tenant: str, key: str | None, fingerprint: str | None, handler: Callable[[], JSONResponse]
-    ) -> JSONResponse:
+        self, tenant: str, key: str | None, fingerprint: str | None, handler: Callable[[], Response]
+    ) -> Response:
         """Run ``handler`` once per (tenant, key); without a key, just run it."""
         if not key:
             return handler()
@@ -76,6 +77,29 @@ class Idempotency:
         except BaseException:
             self.release(tenant, key)
             raise
+        return self._settle(tenant, key, fingerprint, response)
+
+    async def arun(
+        self,
+        tenant: str,
+        key: str | None,
+        fingerprint: str | None,
+        handler: Callable[[], Awaitable[Response]],
+    ) -> Response:
+        """``run`` for an async handler (the streamed uploads)."""
+        if not key:
+            return await handler()
+        replay = self.begin(tenant, key, fingerprint)
+        if replay is not None:
+            return replay
+        try:
+            response = await handler()
+        except BaseException:
+            self.release(tenant, key)
+            raise
+        return self._settle(tenant, key, fingerprint, response)
+
+    def _settle(self, tenant: str, key: str, fingerprint: str | None, response: Response) -> Response:
         if 200 <= response.status_code < 300:
             self.finish(tenant, key, fingerprint, response)
         else:

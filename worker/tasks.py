@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from contract import tasks as names
 from contract.schemas import AugmentTask, GenerateTask, ImportTask, JobState, ModelStatus, TrainTask
 from worker.celery_app import app
 from worker.jobrun import JobContext, run_job
+from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -22,21 +24,15 @@ WEIGHT_FILES = ("model.pt", "last.pt")
 
 
 def _engine():
-    """The engine, loaded lazily in the child process (and torch's thread count set once)."""
+    """The engine, imported lazily in the pool's child process (torch's thread count set there)."""
     from models import pipeline
 
-    threads = _engine_threads()
+    threads = get_settings().torch_threads
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     return pipeline
-
-
-def _engine_threads() -> int | None:
-    from worker.settings import get_settings
-
-    return get_settings().torch_threads
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -189,18 +185,15 @@ def import_model(payload: dict) -> None:
         from models.checkpoint import validate_checkpoint
 
         upload = staged(ctx)
-        info = validate_checkpoint(upload)  # torch.load(weights_only=True); CheckpointError otherwise
-        model_dir = ctx.storage.path(ctx.tenant, "models", req.model_id)
-        shutil.move(upload, model_dir / "model.pt")
-        shutil.rmtree(upload.parent, ignore_errors=True)
-        config = info.get("config", info) if isinstance(info, dict) else {}
-        _update_model(
-            ctx,
-            req.model_id,
-            status=ModelStatus.ready.value,
-            config=config,
-            summary={k: v for k, v in info.items() if k != "config"} if isinstance(info, dict) else {},
-        )
+        weights = ctx.storage.path(ctx.tenant, "models", req.model_id) / "model.pt"
+        if upload.exists():
+            info = validate_checkpoint(upload)  # torch.load(weights_only=True); CheckpointError otherwise
+            os.replace(upload, weights)  # only a validated checkpoint ever gets this name
+            shutil.rmtree(upload.parent, ignore_errors=True)
+        else:  # redelivered after the move
+            info = validate_checkpoint(weights)
+        config = info.pop("config", {})
+        _update_model(ctx, req.model_id, status=ModelStatus.ready.value, config=config, summary=info)
 
     def cleanup(ctx: JobContext, state: JobState) -> None:
         """A rejected checkpoint leaves nothing: no model, no staged file."""

@@ -54,34 +54,27 @@ async def upload_cohort(
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in ZIP_TYPES:
         raise ApiError(415, f"send the cohort as Content-Type: application/zip (got {ctype or 'none'})")
-    if idempotency_key:
-        replay = ctx.idempotency.begin(tenant, idempotency_key, None)
-        if replay is not None:
-            return replay
-    staging = ctx.storage.new_staging(tenant)
-    try:
-        zip_path = staging / "upload.zip"
-        await stream_to_file(request, zip_path, ctx.settings.max_upload_bytes)
-        cohort_id = new_id("coh")
-        async with _VALIDATION_SLOTS:
-            record = await anyio.to_thread.run_sync(
-                ingest_cohort, ctx.storage, ctx.settings, tenant, cohort_id, zip_path
-            )
-        response = JSONResponse(
+
+    async def handler() -> Response:
+        staging = ctx.storage.new_staging(tenant)
+        try:
+            zip_path = staging / "upload.zip"
+            await stream_to_file(request, zip_path, ctx.settings.max_upload_bytes)
+            cohort_id = new_id("coh")
+            async with _VALIDATION_SLOTS:
+                record = await anyio.to_thread.run_sync(
+                    ingest_cohort, ctx.storage, ctx.settings, tenant, cohort_id, zip_path
+                )
+        finally:
+            if staging.exists():
+                ctx.storage.remove_tree(tenant, staging)
+        return JSONResponse(
             cohort_out(record).model_dump(mode="json"),
             status_code=201,
             headers={"Location": f"/v1/cohorts/{cohort_id}"},
         )
-    except BaseException:
-        if idempotency_key:
-            ctx.idempotency.release(tenant, idempotency_key)
-        raise
-    finally:
-        if staging.exists():
-            ctx.storage.remove_tree(tenant, staging)
-    if idempotency_key:
-        ctx.idempotency.finish(tenant, idempotency_key, None, response)
-    return response
+
+    return await ctx.idempotency.arun(tenant, idempotency_key, None, handler)
 
 
 @router.get("", response_model=CohortList)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from contract.jobs import decode, events_key, to_out
+from contract.jobs import aget, decode, events_key, to_out
 from contract.schemas import ID_PATTERN, TERMINAL_STATES, ErrorOut, JobList, JobOut, JobState
 from service.dataset import preview_png, stream_dataset
 from service.deps import Context, Ctx, Tenant
@@ -42,8 +42,11 @@ def list_jobs(ctx: Ctx, tenant: Tenant, limit: Annotated[int, Query(ge=1, le=100
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
-def get_job(job_id: JobId, ctx: Ctx, tenant: Tenant) -> JobOut:
-    return job_out(_record(ctx, tenant, job_id))
+async def get_job(job_id: JobId, ctx: Ctx, tenant: Tenant) -> JobOut:
+    rec = await aget(ctx.aredis, job_id, tenant)
+    if rec is None:
+        raise not_found("job", job_id)
+    return job_out(rec)
 
 
 @router.delete(
@@ -70,7 +73,8 @@ async def job_events(
 ) -> EventSourceResponse:
     """Server-Sent Events: the job (as in ``GET /v1/jobs/{id}``) after every change, from its creation
     (or after ``Last-Event-ID``) to its final state, then the stream ends."""
-    await anyio.to_thread.run_sync(_record, ctx, tenant, job_id)
+    if await aget(ctx.aredis, job_id, tenant) is None:
+        raise not_found("job", job_id)
     return EventSourceResponse(_events(ctx, job_id, last_event_id or "0-0"), ping=15)
 
 
@@ -83,7 +87,7 @@ async def _events(ctx: Context, job_id: str, last: str):
             await anyio.sleep(0.5)  # Redis restarting: the stream is persisted, keep reading after it
             continue
         if not reply:
-            rec = await anyio.to_thread.run_sync(ctx.jobs.get, job_id)
+            rec = await aget(ctx.aredis, job_id)
             if rec is None or JobState(rec["state"]) in TERMINAL_STATES:
                 if rec is not None:
                     yield ServerSentEvent(data=job_out(rec).model_dump_json(), event="state")

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from contract import tasks
-from contract.jobs import to_out
+from contract.jobs import aget, to_out
 from contract.schemas import (
     ID_PATTERN,
     ErrorOut,
@@ -70,63 +70,54 @@ async def import_model(
 ) -> Response:
     """Import a checkpoint (``torch.save`` file). A worker loads it with ``weights_only=True`` and checks
     it against the known configurations (the API itself never loads torch)."""
-    if idempotency_key:
-        replay = ctx.idempotency.begin(tenant, idempotency_key, None)
-        if replay is not None:
-            return replay
-    staging = ctx.storage.new_staging(tenant)
-    handed_over = False
-    try:
-        upload = staging / "checkpoint.pt"
-        await stream_to_file(request, upload, ctx.settings.max_upload_bytes)
-        with open(upload, "rb") as f:
-            if f.read(4) != TORCH_ZIP_MAGIC:
-                raise ApiError(
-                    422,
-                    "not a PyTorch checkpoint",
-                    [("<upload>", "expected a torch.save file (a zip archive)")],
-                )
-        job_id, model_id = new_id("job"), new_id("mdl")
-        create_model_record(ctx, tenant, model_id, source="import", job_id=job_id)
-        payload = ImportTask(
-            job_id=job_id,
-            tenant=tenant,
-            model_id=model_id,
-            upload=upload.relative_to(ctx.storage.staging_dir(tenant)).as_posix(),
-        )
+
+    async def handler() -> Response:
+        staging = ctx.storage.new_staging(tenant)
+        handed_over = False
         try:
-            submit(
-                ctx,
-                task=tasks.IMPORT_MODEL,
-                kind=JobKind.model_import,
-                payload=payload,
-                request={},
-                progress=JobProgress(total=1, unit="files", stage="queued"),
+            upload = staging / "checkpoint.pt"
+            await stream_to_file(request, upload, ctx.settings.max_upload_bytes)
+            with open(upload, "rb") as f:
+                if f.read(4) != TORCH_ZIP_MAGIC:
+                    raise ApiError(
+                        422,
+                        "not a PyTorch checkpoint",
+                        [("<upload>", "expected a torch.save file (a zip archive)")],
+                    )
+            job_id, model_id = new_id("job"), new_id("mdl")
+            create_model_record(ctx, tenant, model_id, source="import", job_id=job_id)
+            payload = ImportTask(
+                job_id=job_id,
+                tenant=tenant,
                 model_id=model_id,
+                upload=upload.relative_to(ctx.storage.staging_dir(tenant)).as_posix(),
             )
-        except ApiError:
-            ctx.storage.delete(tenant, "models", model_id)
-            raise
-        handed_over = True  # the worker removes the staged file from here on
-        response = await _wait_for_import(ctx, tenant, job_id, model_id)
-    except BaseException:
-        if idempotency_key:
-            ctx.idempotency.release(tenant, idempotency_key)
-        raise
-    finally:
-        if not handed_over and staging.exists():
-            ctx.storage.remove_tree(tenant, staging)
-    if idempotency_key and response.status_code < 300:
-        ctx.idempotency.finish(tenant, idempotency_key, None, response)
-    elif idempotency_key:
-        ctx.idempotency.release(tenant, idempotency_key)
-    return response
+            try:
+                submit(
+                    ctx,
+                    task=tasks.IMPORT_MODEL,
+                    kind=JobKind.model_import,
+                    payload=payload,
+                    request={},
+                    progress=JobProgress(total=1, unit="files", stage="queued"),
+                    model_id=model_id,
+                )
+            except ApiError:
+                ctx.storage.delete(tenant, "models", model_id)
+                raise
+            handed_over = True  # from here on the worker removes the staged file
+        finally:
+            if not handed_over and staging.exists():
+                ctx.storage.remove_tree(tenant, staging)
+        return await _wait_for_import(ctx, tenant, job_id, model_id)
+
+    return await ctx.idempotency.arun(tenant, idempotency_key, None, handler)
 
 
 async def _wait_for_import(ctx: Ctx, tenant: str, job_id: str, model_id: str) -> JSONResponse:
     with anyio.move_on_after(ctx.settings.import_wait_s):
         while True:
-            rec = await anyio.to_thread.run_sync(ctx.jobs.get, job_id)
+            rec = await aget(ctx.aredis, job_id)
             state = JobState(rec["state"]) if rec else JobState.failed
             if state == JobState.succeeded:
                 model = require_model(ctx, tenant, model_id)

@@ -391,3 +391,13 @@ def test_health(client):
     assert client.get("/health/live").json() == {"status": "ok"}
     r = client.get("/health/ready")
     assert r.status_code == 503 and r.json()["checks"]["redis"] == "ok"
+
+
+def test_redis_down_is_503_with_retry_after(client, redis_server):
+    redis_server.stop()
+    try:
+        r = client.get(f"/v1/jobs/job_{'0' * 32}", headers=A)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert client.get("/health/ready").status_code == 503
+    finally:
+        redis_server.start()

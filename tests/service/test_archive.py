@@ -36,6 +36,7 @@ CASES = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name")
 @pytest.mark.parametrize("name,build,status,message", CASES, ids=[c[0] for c in CASES])
 def test_hostile_archive_is_refused(tmp_path, name, build, status, message):
     archive = tmp_path / "upload.zip"

@@ -21,7 +21,10 @@ def test_compose_services_volumes_and_commands():
     assert {"redis", "api", "worker", "flower"} <= set(services)
     assert services["flower"]["profiles"] == ["monitoring"]  # optional
     redis = services["redis"]
-    assert "--appendonly" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    assert (
+        "--appendonly" in redis["command"]
+        and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    )
     volume_names = set(COMPOSE["volumes"])
     assert any(v.split(":")[0] in volume_names and v.endswith(":/data") for v in redis["volumes"])
     for name in ("api", "worker"):

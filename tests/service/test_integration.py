@@ -41,7 +41,11 @@ class Stack:
         return f"--- worker log ---\n{self.worker.tail()}\n--- api log ---\n{self.api.tail(20)}"
 
     def job(self, job_id: str) -> dict:
-        r = self.http.get(f"/v1/jobs/{job_id}", headers=A)
+        for _ in range(100):
+            r = self.http.get(f"/v1/jobs/{job_id}", headers=A)
+            if r.status_code != 503:  # 503 + Retry-After while Redis restarts
+                break
+            time.sleep(0.1)
         assert r.status_code == 200, r.text
         return r.json()
 

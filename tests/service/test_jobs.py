@@ -34,7 +34,10 @@ def test_lifecycle_records_every_change_as_an_event(jobs):
     rec = jobs.get("job_1")
     assert rec["state"] == "succeeded" and rec["started_at"] and rec["finished_at"]
     assert _events(jobs, "job_1") == [
-        ("state", "queued"), ("state", "running"), ("progress", "running"), ("state", "succeeded")
+        ("state", "queued"),
+        ("state", "running"),
+        ("progress", "running"),
+        ("state", "succeeded"),
     ]
     assert 0 < jobs.r.ttl(job_key("job_1")) <= 60 and "job_1" not in jobs.active_ids()
 
