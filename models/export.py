@@ -434,15 +434,22 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def hash_files(out_dir: Path) -> dict[str, dict[str, Any]]:
-    """``{relative posix path: {"sha256": hex, "bytes": size}}`` of every file but ``manifest.json``."""
+def dataset_files(out_dir: Path) -> list[str]:
+    """Relative posix paths of the dataset's files, sorted. Hidden files (the generation journal,
+    ``.NAME.partial`` files being written) are bookkeeping, not part of the dataset."""
     out_dir = Path(out_dir)
-    files = {}
-    for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(out_dir).as_posix()
-        if rel != MANIFEST_JSON:
-            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    return files
+    rels = (p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
+    return sorted(r for r in rels if not any(part.startswith(".") for part in r.split("/")))
+
+
+def hash_files(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{relative posix path: {"sha256": hex, "bytes": size}}`` of every dataset file but ``manifest.json``."""
+    out_dir = Path(out_dir)
+    return {
+        rel: {"sha256": sha256_file(out_dir / rel), "bytes": (out_dir / rel).stat().st_size}
+        for rel in dataset_files(out_dir)
+        if rel != MANIFEST_JSON
+    }
 
 
 def write_json_atomic(path: Path, obj: Any) -> Path:
@@ -524,7 +531,7 @@ def find_dataset_problems(out_dir: str | os.PathLike[str]) -> list[Problem]:
         return [Problem(MANIFEST_JSON, f"unreadable: {err}")]
 
     problems = []
-    present = {p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()} - {MANIFEST_JSON}
+    present = set(dataset_files(out_dir)) - {MANIFEST_JSON}
     for rel in sorted(set(listed) - present):
         problems.append(Problem(rel, "listed in manifest.json but missing"))
     for rel in sorted(present - set(listed)):

@@ -17,12 +17,12 @@ from pathlib import Path
 import anyio
 
 from contract.schemas import JobState
+from models.export import dataset_files
 from service.zipstream import ZipStream
 
 NIFTI = re.compile(r"^[^.][^/]*\.nii\.gz$")
 LAST_FILES = ("dataset.json", "manifest.json")
-TEMP_SUFFIXES = (".partial", ".tmp")
-BLOCK = 512 * 1024  # files being written (models.nifti, write_json_atomic)
+BLOCK = 512 * 1024
 
 
 class JobAborted(Exception):
@@ -50,11 +50,7 @@ def complete_pairs(out_dir: Path) -> list[tuple[str, list[str]]]:
 
 def remaining_files(out_dir: Path, sent: set[str]) -> list[str]:
     """Every file of a finished dataset not sent yet; dataset.json and manifest.json last."""
-    files = sorted(
-        p.relative_to(out_dir).as_posix()
-        for p in out_dir.rglob("*")
-        if p.is_file() and not p.name.endswith(TEMP_SUFFIXES)
-    )
+    files = dataset_files(out_dir)
     rest = [f for f in files if f not in sent and f not in LAST_FILES]
     return rest + [f for f in LAST_FILES if f in files and f not in sent]
 

@@ -7,7 +7,14 @@ import torch
 
 from models.hamiltonian import inv_sqrt_beta, leapfrog_flow, tempering_factor
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Integrator properties are checked in double precision; the default is restored afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def gaussian_grad(precision: torch.Tensor):

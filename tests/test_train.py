@@ -133,7 +133,11 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
         """
     )
     ck = tmp_path / "killed" / "last.pt"
-    proc = subprocess.run([sys.executable, "-c", script, str(ck)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # same thread count as this process: float reductions, hence weights, depend on it
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(ck)],
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
     assert proc.returncode == -signal.SIGKILL
     assert load_checkpoint(ck)["step"] == 5
     torch.manual_seed(123)  # the resumed run must not depend on fresh initialisation
