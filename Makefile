@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-stamp
 WEIGHTS := weights/vgg16_lpips.pt
 SHARED_TRAIN := ../shared/data/brats2015-deepmedic/train
 
-.PHONY: setup test test-fast demo run lint openapi bench clean
+.PHONY: setup test test-fast demo run lint openapi bench bench-service bench-quality clean
 
 setup: $(STAMP) $(WEIGHTS)
 
@@ -46,6 +46,12 @@ openapi: setup
 
 bench: setup
 	$(PY) bench/train_speed.py
+
+bench-quality: setup
+	$(PY) bench/small_quality.py --minutes 30
+
+bench-service: setup
+	$(PY) bench/service/bench_service.py
 
 clean:
 	rm -rf augmented .augmented.model .cache

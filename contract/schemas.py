@@ -12,6 +12,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Preset = Literal["tiny", "small", "paper"]
+# The generator a training or augmentation fits: the dHVAE, or a baseline of the paper in the same
+# pipeline (models/dhvae.py variants, models/lsgan.py). "traditional" augmentation is CLI-only for now.
+Generator = Literal["dhvae", "hvae", "vae", "lsgan"]
 ID_PATTERN = r"^[a-z]{3}_[0-9a-f]{32}$"
 SEED_MAX = 2**32 - 1
 
@@ -77,6 +80,7 @@ class CohortList(BaseModel):
 # ---------------------------------------------------------------------------------------------- requests
 class TrainingRequest(_Body):
     cohort_id: str = Field(pattern=ID_PATTERN)
+    model: Generator = "dhvae"
     preset: Preset = "tiny"
     steps: int = Field(ge=1)
     seed: int = Field(0, ge=0, le=SEED_MAX)
@@ -94,6 +98,7 @@ class GenerationRequest(_Body):
 class AugmentationRequest(_Body):
     cohort_id: str = Field(pattern=ID_PATTERN)
     n_pairs: int = Field(ge=1)
+    model: Generator = "dhvae"
     preset: Preset = "tiny"
     steps: int = Field(ge=1)
     seed: int = Field(0, ge=0, le=SEED_MAX)
@@ -153,6 +158,7 @@ class ModelOut(BaseModel):
     job_id: str | None = None
     cohort_id: str | None = None
     base_model_id: str | None = None
+    model: str | None = Field(None, description="Generator: dhvae, hvae, vae or lsgan.")
     preset: str | None = None
     steps: int | None = None
     seed: int | None = None
@@ -176,6 +182,7 @@ class TaskPayload(_Body):
 class TrainTask(TaskPayload):
     cohort_id: str
     model_id: str
+    model: Generator = "dhvae"
     preset: Preset
     steps: int
     seed: int
@@ -194,6 +201,7 @@ class AugmentTask(TaskPayload):
     cohort_id: str
     model_id: str
     n_pairs: int
+    model: Generator = "dhvae"
     preset: Preset
     steps: int
     seed: int

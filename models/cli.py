@@ -17,6 +17,8 @@ from .errors import DHVAEError
 
 log = logging.getLogger("dhvae")
 
+GENERATORS = ("dhvae", "hvae", "vae", "lsgan")  # trained generators; "traditional" trains nothing
+
 
 class ProgressBar:
     """Adapts :class:`models.progress.Progress` reports to one tqdm bar per stage."""
@@ -76,7 +78,10 @@ def _cohort_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=Path(".cache/dhvae"), help="preprocessing cache")
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def _train_args(p: argparse.ArgumentParser, models: tuple[str, ...]) -> None:
+    p.add_argument(
+        "--model", default="dhvae", choices=models, help="generator: the dHVAE (default) or a baseline"
+    )
     p.add_argument("--preset", default="small", help="paper | small | tiny (see `dhvae presets`)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -106,11 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train (or fine-tune) a model on a cohort")
     _cohort_args(p)
-    _train_args(p)
+    _train_args(p, GENERATORS)
     p.add_argument("--model-dir", type=Path, required=True)
 
     p = sub.add_parser("generate", help="generate synthetic pairs from a trained model")
-    p.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a trained model (MODEL_DIR/model.pt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default=None)
@@ -118,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("augment", help="ingest + train + generate: the augmented dataset in nnU-Net layout")
     _cohort_args(p)
-    _train_args(p)
+    _train_args(p, (*GENERATORS, "traditional"))
     _gen_args(p)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model-dir", type=Path, default=None, help="default: OUT/../.OUT.model")
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             r = pipeline.generate(
-                args.model,
+                args.checkpoint,
                 out_dir=args.out,
                 n_pairs=args.n_pairs,
                 seed=args.seed,
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps=args.steps,
                 seed=args.seed,
                 base_checkpoint=args.base_model,
-                overrides=overrides,
+                overrides={"model": args.model, **overrides},
                 progress=bar,
                 device=args.device,
             )
@@ -225,13 +230,15 @@ def main(argv: list[str] | None = None) -> int:
             spec=spec,
             prep=prep,
             overrides=overrides,
+            model=args.model,
             progress=bar,
             device=args.device,
         )
         bar.close()
         print(
             f"augmented dataset: {r.out_dir} ({len(r.ingest['cases'])} real cases + {r.generation.n_pairs} synthetic "
-            f"pairs, nnU-Net v2 raw layout); model: {r.checkpoint}"
+            f"pairs from {args.model}, nnU-Net v2 raw layout)"
+            + (f"; model: {r.checkpoint}" if r.checkpoint else "")
         )
         return 0
     except (DHVAEError, KeyError) as e:

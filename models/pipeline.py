@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 
 from . import __version__
 from .checkpoint import build_model, load_checkpoint, model_from_checkpoint
-from .cohort import CohortSpec, read_cohort
+from .cohort import CohortSpec
 from .config import DHVAEConfig, get_preset
 from .errors import CheckpointError, DHVAEError
 from .export import (
@@ -31,8 +31,9 @@ from .export import (
     synthetic_case_id,
     write_json_atomic,
 )
-from .preprocess import PreprocessConfig, ResampledCase, SliceSet, preprocess_cohort
-from .progress import Progress, ProgressFn, Reporter, StopFn
+from .ingest import IngestResult, ingest
+from .preprocess import PreprocessConfig, ResampledCase
+from .progress import ProgressFn, Reporter, StopFn
 from .sampler import BatchDone, sample_pairs
 from .train import fit
 
@@ -43,41 +44,6 @@ JOURNAL = ".generation.json"
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# --- ingest ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class IngestResult:
-    slices: SliceSet
-    channel: str
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-def ingest(
-    cohort_dir: Path,
-    *,
-    cache_dir: Path | None = None,
-    spec: CohortSpec | None = None,
-    prep: PreprocessConfig | None = None,
-    progress: ProgressFn | None = None,
-) -> IngestResult:
-    """Read, validate and preprocess a cohort (cached in ``cache_dir``). Raises CohortError."""
-    spec = spec or CohortSpec()
-    cohort = read_cohort(Path(cohort_dir), spec)
-    report = (lambda d, t: progress(Progress("ingest", d, t, "cases"))) if progress else None
-    slices = preprocess_cohort(cohort, spec, prep, cache_dir, progress=report)
-    summary = {
-        "layout": cohort.layout,
-        "cases": [c.case_id for c in cohort.cases],
-        "channels": cohort.channels,
-        "channel": cohort.channel,
-        "tumour_slices": slices.tumour_slices,
-        "training_slices": len(slices.case_ids),
-        "warnings": [*cohort.warnings, *slices.warnings],
-    }
-    return IngestResult(slices, cohort.channel, summary)
 
 
 # --- train ----------------------------------------------------------------------------------------
@@ -355,10 +321,13 @@ def _complete_prefix(out_dir: Path, n_pairs: int) -> int:
 # --- augment --------------------------------------------------------------------------------------
 
 
+MODELS = ("dhvae", "hvae", "vae", "lsgan", "traditional")
+
+
 @dataclass
 class AugmentResult:
     out_dir: Path
-    checkpoint: Path
+    checkpoint: Path | None  # None for "traditional"
     ingest: dict[str, Any]
     generation: GenerateResult
 
@@ -379,14 +348,38 @@ def augment(
     spec: CohortSpec | None = None,
     prep: PreprocessConfig | None = None,
     overrides: dict[str, Any] | None = None,
+    model: str = "dhvae",
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     device: torch.device | str | None = None,
 ) -> AugmentResult:
-    """Ingest a cohort, train (or fine-tune) on it, and write the augmented dataset to ``out_dir``."""
+    """Ingest a cohort, train (or fine-tune) on it, and write the augmented dataset to ``out_dir``.
+
+    ``model`` is one of :data:`MODELS`: the dHVAE, a baseline generator of the same pipeline, or
+    "traditional" (flips and rotations of the real slices; nothing is trained).
+    """
+    if model not in MODELS:
+        raise DHVAEError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     out_dir = Path(out_dir)
     model_dir = Path(model_dir) if model_dir else out_dir.parent / f".{out_dir.name}.model"
     ing = ingest(Path(cohort_dir), cache_dir=cache_dir, spec=spec, prep=prep, progress=progress)
+    cohort_info = {
+        "cohort": {
+            k: ing.summary[k] for k in ("layout", "cases", "channel", "tumour_slices", "training_slices")
+        }
+    }
+    if model == "traditional":
+        gen = generate_traditional(
+            ing,
+            out_dir=out_dir,
+            n_pairs=n_pairs,
+            seed=seed,
+            slices_per_volume=slices_per_volume,
+            manifest_extras=cohort_info,
+            progress=progress,
+            should_stop=should_stop,
+        )
+        return AugmentResult(out_dir, None, ing.summary, gen)
     ckpt = train(
         ing,
         model_dir=model_dir,
@@ -394,7 +387,7 @@ def augment(
         steps=steps,
         seed=seed,
         base_checkpoint=base_checkpoint,
-        overrides=overrides,
+        overrides={"model": model, **(overrides or {})},
         progress=progress,
         should_stop=should_stop,
         device=device,
@@ -407,13 +400,51 @@ def augment(
         slices_per_volume=slices_per_volume,
         min_mask_area=min_mask_area,
         real_cases=ing.slices.cases,
-        manifest_extras={
-            "cohort": {
-                k: ing.summary[k] for k in ("layout", "cases", "channel", "tumour_slices", "training_slices")
-            }
-        },
+        manifest_extras=cohort_info,
         progress=progress,
         should_stop=should_stop,
         device=device,
     )
     return AugmentResult(out_dir, ckpt, ing.summary, gen)
+
+
+def generate_traditional(
+    ing: IngestResult,
+    *,
+    out_dir: Path,
+    n_pairs: int,
+    seed: int = 0,
+    slices_per_volume: int = 1,
+    manifest_extras: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> GenerateResult:
+    """The traditional-augmentation baseline in the same export: flips and rotations of real slices
+    (models/traditional.py), the real cases, dataset.json and manifest.json. Deterministic per seed."""
+    from .traditional import TraditionalAugConfig, augment_pairs
+
+    if n_pairs < 1 or slices_per_volume < 1:
+        raise DHVAEError("n_pairs and slices_per_volume must be at least 1")
+    slices = ing.slices.slices
+    size = slices.shape[-2:]
+    aug_cfg = TraditionalAugConfig()
+    pairs = augment_pairs(slices, n_pairs * slices_per_volume, seed=seed, cfg=aug_cfg)
+    exporter = NnUNetExporter(out_dir, ing.channel.upper(), grid=ing.slices.cases[0].affine, slice_shape=size)
+    for case in ing.slices.cases:
+        exporter.add_real_case(case)
+    reporter = Reporter("generate", n_pairs, "pairs", progress, should_stop)
+    for v in range(n_pairs):
+        reporter.check_cancelled()
+        with exporter.open_synthetic(v, slices_per_volume) as writer:
+            for pair in pairs[v * slices_per_volume : (v + 1) * slices_per_volume]:
+                writer.write(pair[0], (pair[1] > 0.5).astype(np.uint8))
+        reporter.report(v + 1)
+    exporter.finalize(
+        {
+            "generator": {"model": "traditional", "config": vars(aug_cfg)},
+            "generation": {"seed": seed, "n_pairs": n_pairs, "slices_per_volume": slices_per_volume},
+            **(manifest_extras or {}),
+        }
+    )
+    total = n_pairs * slices_per_volume
+    return GenerateResult(Path(out_dir), n_pairs, slices_per_volume, total, 1.0, 0)

@@ -80,25 +80,13 @@ def ingest_cohort(
 
 
 def validate_cohort(root: Path, cache_dir: Path) -> dict:
-    """The engine's header and voxel validation (torch-free ``models.cohort`` and ``models.preprocess``,
-    the same steps as ``models.pipeline.ingest``); 422 with every problem on CohortError."""
-    from models.cohort import CohortSpec, read_cohort
+    """The engine's header and voxel validation (torch-free ``models.ingest``, the step every training
+    starts with; its cache is keyed by file contents, so the worker reuses it); 422 with every problem."""
     from models.errors import CohortError
-    from models.preprocess import PreprocessConfig, preprocess_cohort
+    from models.ingest import ingest
 
-    spec = CohortSpec()
     try:
-        cohort = read_cohort(root, spec)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        slices = preprocess_cohort(cohort, spec, PreprocessConfig(), cache_dir)
+        return ingest(root, cache_dir=cache_dir).summary
     except CohortError as e:
         raise ApiError(422, "cohort rejected", [(p.file, p.problem) for p in e.problems]) from None
-    return {
-        "cases": [c.case_id for c in cohort.cases],
-        "channels": list(cohort.channels),
-        "channel": cohort.channel,
-        "tumour_slices": int(slices.tumour_slices),
-        "training_slices": len(slices.case_ids),
-        "warnings": [str(w) for w in (*cohort.warnings, *slices.warnings)],
-        "layout": cohort.layout,
-    }

@@ -205,3 +205,25 @@ def test_presets_json():
     p = rows["paper"]["parameters"]
     assert p["total"] == p["encoder"] + p["decoder"] + p["discriminator"]
     assert 55e6 < p["encoder"] + p["decoder"] < 70e6
+
+
+@pytest.mark.parametrize("model", ["hvae", "traditional"])
+def test_augment_with_a_baseline_gives_the_same_export(trained, tmp_path, model):
+    root, cohort, _, _ = trained
+    r = pipeline.augment(
+        cohort,
+        out_dir=tmp_path / model,
+        preset="tiny",
+        steps=2,
+        seed=0,
+        n_pairs=2,
+        min_mask_area=0,
+        cache_dir=root / "cache",
+        prep=PREP,
+        device="cpu",
+        model=model,
+    )
+    manifest = verify_dataset(tmp_path / model)
+    assert manifest["generator"]["model"] == model
+    assert json.loads((tmp_path / model / "dataset.json").read_text())["synthetic_cases"] == 2
+    assert (r.checkpoint is None) == (model == "traditional")

@@ -108,6 +108,7 @@ def train(payload: dict) -> None:
             seed=req.seed,
             base_checkpoint=_base_checkpoint(ctx, req.base_model_id),
             cache_dir=ctx.storage.cache_dir(ctx.tenant, req.cohort_id),
+            overrides={"model": req.model},
             progress=ctx.progress,
             should_stop=ctx.should_stop,
         )
@@ -158,6 +159,7 @@ def augment(payload: dict) -> None:
             cache_dir=ctx.storage.cache_dir(ctx.tenant, req.cohort_id),
             slices_per_volume=req.slices_per_volume,
             min_mask_area=req.min_mask_area,
+            model=req.model,
             progress=ctx.progress,
             should_stop=ctx.should_stop,
         )
@@ -193,7 +195,15 @@ def import_model(payload: dict) -> None:
         else:  # redelivered after the move
             info = validate_checkpoint(weights)
         config = info.pop("config", {})
-        _update_model(ctx, req.model_id, status=ModelStatus.ready.value, config=config, summary=info)
+        _update_model(
+            ctx,
+            req.model_id,
+            status=ModelStatus.ready.value,
+            config=config,
+            summary=info,
+            model=info.get("model"),
+            preset=info.get("preset"),
+        )
 
     def cleanup(ctx: JobContext, state: JobState) -> None:
         """A rejected checkpoint leaves nothing: no model, no staged file."""

@@ -47,6 +47,7 @@ def create_training(
             job_id=job_id,
             cohort_id=body.cohort_id,
             base_model_id=body.base_model_id,
+            model=body.model,
             preset=body.preset,
             steps=body.steps,
             seed=body.seed,
