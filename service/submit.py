@@ -6,13 +6,26 @@ import logging
 
 from fastapi.responses import JSONResponse
 
-from contract.schemas import JobAccepted, JobError, JobKind, JobProgress, TaskPayload
+from contract.schemas import (
+    AugmentationRequest,
+    ErrorOut,
+    JobAccepted,
+    JobError,
+    JobKind,
+    JobProgress,
+    TaskPayload,
+    TrainingRequest,
+)
+from contract.storage import new_id
 from service.deps import Context
 from service.errors import ApiError
+from service.lookups import check_max, create_model_record, require_cohort, require_model
 
 log = logging.getLogger(__name__)
 
 DATASET_KINDS = {JobKind.generation.value, JobKind.augmentation.value}
+# What a POST that starts a job can answer besides 202 (and 422 for a bad body).
+SUBMIT_ERRORS = {code: {"model": ErrorOut} for code in (401, 404, 409, 503)}
 
 
 def job_links(job_id: str, kind: str, model_id: str | None = None) -> dict[str, str]:
@@ -61,3 +74,45 @@ def accepted(job_id: str, kind: JobKind, model_id: str | None = None) -> JSONRes
     return JSONResponse(
         body.model_dump(exclude_none=False), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"}
     )
+
+
+def submit_model_job(
+    ctx: Context,
+    tenant: str,
+    body: TrainingRequest | AugmentationRequest,
+    *,
+    task: str,
+    kind: JobKind,
+    payload_cls: type[TaskPayload],
+) -> JSONResponse:
+    """A job that trains a model (a training or an augmentation): check the request against the
+    tenant's cohorts and models, reserve the model id (ready when the job succeeds), enqueue, 202."""
+    check_max(body.steps, ctx.settings.max_steps, "steps")
+    require_cohort(ctx, tenant, body.cohort_id)
+    if body.base_model_id:
+        require_model(ctx, tenant, body.base_model_id)
+    job_id, model_id = new_id("job"), new_id("mdl")
+    create_model_record(
+        ctx,
+        tenant,
+        model_id,
+        source="training",
+        job_id=job_id,
+        cohort_id=body.cohort_id,
+        base_model_id=body.base_model_id,
+        model=body.model,
+        preset=body.preset,
+        steps=body.steps,
+        seed=body.seed,
+    )
+    submit(
+        ctx,
+        task=task,
+        kind=kind,
+        payload=payload_cls(job_id=job_id, tenant=tenant, model_id=model_id, **body.model_dump()),
+        request=body.model_dump(),
+        progress=JobProgress(total=body.steps, unit="steps", stage="queued"),
+        cohort_id=body.cohort_id,
+        model_id=model_id,
+    )
+    return accepted(job_id, kind, model_id)

@@ -8,23 +8,16 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
 from contract import tasks
-from contract.schemas import AugmentationRequest, AugmentTask, ErrorOut, JobAccepted, JobKind, JobProgress
-from contract.storage import new_id
+from contract.schemas import AugmentationRequest, AugmentTask, JobAccepted, JobKind
 from service.deps import Ctx, Tenant
 from service.idempotency import fingerprint
-from service.lookups import check_max, create_model_record, require_cohort, require_model
-from service.submit import accepted, submit
+from service.lookups import check_max
+from service.submit import SUBMIT_ERRORS, submit_model_job
 
 router = APIRouter(prefix="/v1/augmentations", tags=["augmentations"])
-ERRORS = {
-    401: {"model": ErrorOut},
-    404: {"model": ErrorOut},
-    409: {"model": ErrorOut},
-    503: {"model": ErrorOut},
-}
 
 
-@router.post("", status_code=202, response_model=JobAccepted, responses=ERRORS)
+@router.post("", status_code=202, response_model=JobAccepted, responses=SUBMIT_ERRORS)
 def create_augmentation(
     body: AugmentationRequest,
     ctx: Ctx,
@@ -34,36 +27,9 @@ def create_augmentation(
     """Train on the cohort, then generate: the download is the cohort + N synthetic pairs (nnU-Net v2)."""
 
     def handler() -> JSONResponse:
-        check_max(body.steps, ctx.settings.max_steps, "steps")
         check_max(body.n_pairs, ctx.settings.max_pairs, "n_pairs")
-        require_cohort(ctx, tenant, body.cohort_id)
-        if body.base_model_id:
-            require_model(ctx, tenant, body.base_model_id)
-        job_id, model_id = new_id("job"), new_id("mdl")
-        create_model_record(
-            ctx,
-            tenant,
-            model_id,
-            source="training",
-            job_id=job_id,
-            cohort_id=body.cohort_id,
-            base_model_id=body.base_model_id,
-            model=body.model,
-            preset=body.preset,
-            steps=body.steps,
-            seed=body.seed,
+        return submit_model_job(
+            ctx, tenant, body, task=tasks.AUGMENT, kind=JobKind.augmentation, payload_cls=AugmentTask
         )
-        payload = AugmentTask(job_id=job_id, tenant=tenant, model_id=model_id, **body.model_dump())
-        submit(
-            ctx,
-            task=tasks.AUGMENT,
-            kind=JobKind.augmentation,
-            payload=payload,
-            request=body.model_dump(),
-            progress=JobProgress(total=body.steps, unit="steps", stage="queued"),
-            cohort_id=body.cohort_id,
-            model_id=model_id,
-        )
-        return accepted(job_id, JobKind.augmentation, model_id)
 
     return ctx.idempotency.run(tenant, idempotency_key, fingerprint(body.model_dump_json()), handler)

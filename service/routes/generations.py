@@ -8,23 +8,17 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
 from contract import tasks
-from contract.schemas import ErrorOut, GenerateTask, GenerationRequest, JobAccepted, JobKind, JobProgress
+from contract.schemas import GenerateTask, GenerationRequest, JobAccepted, JobKind, JobProgress
 from contract.storage import new_id
 from service.deps import Ctx, Tenant
 from service.idempotency import fingerprint
 from service.lookups import check_max, require_model
-from service.submit import accepted, submit
+from service.submit import SUBMIT_ERRORS, accepted, submit
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
-ERRORS = {
-    401: {"model": ErrorOut},
-    404: {"model": ErrorOut},
-    409: {"model": ErrorOut},
-    503: {"model": ErrorOut},
-}
 
 
-@router.post("", status_code=202, response_model=JobAccepted, responses=ERRORS)
+@router.post("", status_code=202, response_model=JobAccepted, responses=SUBMIT_ERRORS)
 def create_generation(
     body: GenerationRequest,
     ctx: Ctx,

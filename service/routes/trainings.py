@@ -1,4 +1,4 @@
-"""Trainings: train (or fine-tune) a model on a cohort."""
+"""Trainings: fit a generator (or fine-tune a model) on a cohort; the result is a model."""
 
 from __future__ import annotations
 
@@ -8,23 +8,15 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
 from contract import tasks
-from contract.schemas import ErrorOut, JobAccepted, JobKind, JobProgress, TrainingRequest, TrainTask
-from contract.storage import new_id
+from contract.schemas import JobAccepted, JobKind, TrainingRequest, TrainTask
 from service.deps import Ctx, Tenant
 from service.idempotency import fingerprint
-from service.lookups import check_max, create_model_record, require_cohort, require_model
-from service.submit import accepted, submit
+from service.submit import SUBMIT_ERRORS, submit_model_job
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"])
-ERRORS = {
-    401: {"model": ErrorOut},
-    404: {"model": ErrorOut},
-    409: {"model": ErrorOut},
-    503: {"model": ErrorOut},
-}
 
 
-@router.post("", status_code=202, response_model=JobAccepted, responses=ERRORS)
+@router.post("", status_code=202, response_model=JobAccepted, responses=SUBMIT_ERRORS)
 def create_training(
     body: TrainingRequest,
     ctx: Ctx,
@@ -34,35 +26,8 @@ def create_training(
     """Start a training job; its model id is reserved now and becomes ready when the job succeeds."""
 
     def handler() -> JSONResponse:
-        check_max(body.steps, ctx.settings.max_steps, "steps")
-        require_cohort(ctx, tenant, body.cohort_id)
-        if body.base_model_id:
-            require_model(ctx, tenant, body.base_model_id)
-        job_id, model_id = new_id("job"), new_id("mdl")
-        create_model_record(
-            ctx,
-            tenant,
-            model_id,
-            source="training",
-            job_id=job_id,
-            cohort_id=body.cohort_id,
-            base_model_id=body.base_model_id,
-            model=body.model,
-            preset=body.preset,
-            steps=body.steps,
-            seed=body.seed,
+        return submit_model_job(
+            ctx, tenant, body, task=tasks.TRAIN, kind=JobKind.training, payload_cls=TrainTask
         )
-        payload = TrainTask(job_id=job_id, tenant=tenant, model_id=model_id, **body.model_dump())
-        submit(
-            ctx,
-            task=tasks.TRAIN,
-            kind=JobKind.training,
-            payload=payload,
-            request=body.model_dump(),
-            progress=JobProgress(total=body.steps, unit="steps", stage="queued"),
-            cohort_id=body.cohort_id,
-            model_id=model_id,
-        )
-        return accepted(job_id, JobKind.training, model_id)
 
     return ctx.idempotency.run(tenant, idempotency_key, fingerprint(body.model_dump_json()), handler)

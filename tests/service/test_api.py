@@ -401,3 +401,24 @@ def test_redis_down_is_503_with_retry_after(client, redis_server):
         assert client.get("/health/ready").status_code == 503
     finally:
         redis_server.start()
+
+
+@pytest.mark.parametrize("generator", ["lsgan", "hvae"])
+def test_a_baseline_generator_is_passed_to_the_worker(client, settings, cohort_id, generator):
+    r = client.post(
+        "/v1/augmentations",
+        json={"cohort_id": cohort_id, "model": generator, "n_pairs": 2, "steps": 3, "seed": 1},
+        headers=A,
+    )
+    assert r.status_code == 202, r.text
+    [msg] = queued_messages(settings)
+    assert msg["headers"]["task"] == "dhvae.augment"
+    model = client.get(f"/v1/models/{r.json()['model_id']}", headers=A).json()
+    assert model["model"] == generator
+
+
+def test_an_unknown_generator_is_422(client, cohort_id):
+    r = client.post(
+        "/v1/trainings", json={"cohort_id": cohort_id, "model": "stylegan", "steps": 3}, headers=A
+    )
+    assert r.status_code == 422
