@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,6 +35,7 @@ class JobKind(StrEnum):
     generation = "generation"
     augmentation = "augmentation"
     model_import = "model_import"
+    evaluation = "evaluation"
 
 
 class ModelStatus(StrEnum):
@@ -105,6 +106,54 @@ class AugmentationRequest(_Body):
     base_model_id: str | None = Field(None, pattern=ID_PATTERN, description="Fine-tune this model.")
     slices_per_volume: int = Field(1, ge=1, le=1024)
     min_mask_area: int | None = Field(None, ge=0)
+
+
+Baseline = Literal["traditional", "vae", "hvae", "lsgan"]
+Protocol = Literal["fixed_epochs", "step_matched"]
+# The downstream 2D U-Net's widths (MONAI UNet channels): "paper" is MONAI's usual 2D layout.
+UNET_WIDTHS: dict[str, list[int]] = {
+    "paper": [16, 32, 64, 128, 256],
+    "small": [8, 16, 32, 64, 128],
+    "tiny": [4, 8, 16],  # smoke tests
+}
+
+
+class EvaluationRequest(_Body):
+    """Does augmenting this cohort help, and with how many pairs? (issue 4; models/efficacy.py)
+
+    The cohort is split by patient; a generator is fitted on the training patients only (or
+    ``model_id``, which must not have been trained on this cohort), and a 2D U-Net is trained on the
+    training patients' slices + N synthetic pairs for each N and seed, then tested on the test patients.
+    """
+
+    cohort_id: str = Field(pattern=ID_PATTERN)
+    model_id: str | None = Field(
+        None, pattern=ID_PATTERN, description="A ready model of yours, trained on another cohort."
+    )
+    model: Generator = Field("dhvae", description="Generator to fit on the training patients (no model_id).")
+    preset: Preset = "tiny"
+    steps: int = Field(300, ge=1, description="Generator training steps (no model_id).")
+    n_pairs: list[Annotated[int, Field(ge=1)]] = Field(
+        [250, 500, 1000], min_length=1, max_length=10, description="The N > 0 to try (N = 0 always runs)."
+    )
+    seeds: (
+        Annotated[int, Field(ge=1, le=20)]
+        | Annotated[list[Annotated[int, Field(ge=0, le=SEED_MAX)]], Field(min_length=1, max_length=20)]
+    ) = Field(5, description="U-Net seeds: a count n (seeds 0..n-1) or the seeds themselves.")
+    test_fraction: float = Field(0.3, gt=0.0, lt=1.0, description="Share of patients held out for testing.")
+    split_seed: int = Field(0, ge=0, le=SEED_MAX)
+    protocols: list[Protocol] = Field(["fixed_epochs", "step_matched"], min_length=1)
+    baselines: list[Baseline] = Field([], description="Other augmentations to compare in the same run.")
+    unet: Literal["paper", "small", "tiny"] = Field("paper", description="U-Net widths (UNET_WIDTHS).")
+    unet_epochs: int = Field(40, ge=1, le=400, description="Epochs of the fixed_epochs protocol (paper: 40).")
+
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else sorted(set(self.seeds))
+
+    def n_runs(self) -> int:
+        """U-Nets the grid trains: (real-only + each generator at each N) x seeds x protocols."""
+        n_generators = 1 + len(set(self.baselines) - {self.model})
+        return (1 + n_generators * len(set(self.n_pairs))) * len(self.seed_list()) * len(set(self.protocols))
 
 
 class JobAccepted(BaseModel):
@@ -208,6 +257,22 @@ class AugmentTask(TaskPayload):
     base_model_id: str | None = None
     slices_per_volume: int = 1
     min_mask_area: int | None = None
+
+
+class EvaluateTask(TaskPayload):
+    cohort_id: str
+    model_id: str | None = None
+    model: Generator = "dhvae"
+    preset: Preset = "tiny"
+    steps: int = 300
+    n_pairs: list[int]
+    seeds: list[int]
+    test_fraction: float
+    split_seed: int = 0
+    protocols: list[Protocol]
+    baselines: list[Baseline] = Field(default_factory=list)
+    unet: Literal["paper", "small", "tiny"] = "paper"
+    unet_epochs: int = 40
 
 
 class ImportTask(TaskPayload):

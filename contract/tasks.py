@@ -6,5 +6,6 @@ TRAIN = "dhvae.train"
 GENERATE = "dhvae.generate"
 AUGMENT = "dhvae.augment"
 IMPORT_MODEL = "dhvae.import_model"
+EVALUATE = "dhvae.evaluate"
 
-ALL = (TRAIN, GENERATE, AUGMENT, IMPORT_MODEL)
+ALL = (TRAIN, GENERATE, AUGMENT, IMPORT_MODEL, EVALUATE)

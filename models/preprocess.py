@@ -26,7 +26,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -392,6 +392,20 @@ def preprocess_cohort(
     if cache_path is not None:
         _save_cache(cache_path, result)
     return result
+
+
+def restrict_to_cases(slices: SliceSet, case_ids: Sequence[str]) -> SliceSet:
+    """The slice set of some of a cohort's cases only, re-balanced on those cases alone.
+
+    For a patient-level split: what a generator trained on the training patients sees must not depend
+    on the test patients, not even through the balancing cap.
+    """
+    wanted = set(case_ids)
+    cases = [c for c in slices.cases if c.case_id in wanted]
+    if len(cases) != len(wanted):
+        missing = sorted(wanted - {c.case_id for c in slices.cases})
+        raise ValueError(f"cases not in the slice set: {missing}")
+    return _slice_and_balance(cases, slices.config, [])
 
 
 def _slice_and_balance(

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from service import errors
 from service.deps import Context
-from service.routes import augmentations, cohorts, generations, health, jobs, models, trainings
+from service.routes import augmentations, cohorts, evaluations, generations, health, jobs, models, trainings
 from service.settings import Settings, get_settings
 
 API_VERSION = "1.0.0"
@@ -41,6 +41,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.ctx = ctx
     errors.install(app)
-    for module in (cohorts, trainings, generations, augmentations, models, jobs, health):
+    for module in (cohorts, trainings, generations, augmentations, evaluations, models, jobs, health):
         app.include_router(module.router)
     return app

@@ -24,6 +24,9 @@ class Settings(CommonSettings):
     max_archive_files: int = Field(20_000, description="Most entries a cohort zip may hold.")
     max_steps: int = Field(1_000_000, description="Largest `steps` a training may ask for.")
     max_pairs: int = Field(100_000, description="Largest `n_pairs` a generation may ask for.")
+    max_evaluation_runs: int = Field(
+        400, description="Most U-Net trainings one evaluation may ask for (its grid: N x seeds x protocols)."
+    )
     idempotency_ttl_s: int = Field(24 * 3600, description="How long an Idempotency-Key is remembered.")
     import_wait_s: float = Field(
         60.0, description="POST /v1/models waits this long for a worker to validate the checkpoint, then 202."

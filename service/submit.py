@@ -33,6 +33,9 @@ def job_links(job_id: str, kind: str, model_id: str | None = None) -> dict[str, 
     if kind in DATASET_KINDS:
         links["download"] = f"/v1/jobs/{job_id}/download"
         links["preview"] = f"/v1/jobs/{job_id}/preview.png"
+    if kind == JobKind.evaluation.value:
+        links["report"] = f"/v1/jobs/{job_id}/report.json"
+        links["plot"] = f"/v1/jobs/{job_id}/report.png"
     if model_id:
         links["model"] = f"/v1/models/{model_id}"
     return links

@@ -13,7 +13,16 @@ import shutil
 from pathlib import Path
 
 from contract import tasks as names
-from contract.schemas import AugmentTask, GenerateTask, ImportTask, JobState, ModelStatus, TrainTask
+from contract.schemas import (
+    UNET_WIDTHS,
+    AugmentTask,
+    EvaluateTask,
+    GenerateTask,
+    ImportTask,
+    JobState,
+    ModelStatus,
+    TrainTask,
+)
 from worker.celery_app import app
 from worker.jobrun import JobContext, run_job
 from worker.settings import get_settings
@@ -170,6 +179,50 @@ def augment(payload: dict) -> None:
         _model_ended(ctx, req.model_id, state)
 
     run_job(req.job_id, req.tenant, body, cleanup)
+
+
+@app.task(name=names.EVALUATE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def evaluate(payload: dict) -> None:
+    """The efficacy protocol on a tenant's cohort (models/efficacy.py); a redelivered job resumes from
+    the runs already recorded in its work folder."""
+    req = EvaluateTask.model_validate(payload)
+
+    def body(ctx: JobContext) -> None:
+        pipeline = _engine()
+        from models import efficacy
+        from models.export import write_json_atomic
+
+        out_dir = ctx.storage.path(ctx.tenant, "outputs", req.job_id)
+        ing = pipeline.ingest(
+            _cohort_dir(ctx, req.cohort_id),
+            cache_dir=ctx.storage.cache_dir(ctx.tenant, req.cohort_id),
+            progress=ctx.progress,
+        )
+        data = efficacy.split_cohort(ing, seed=req.split_seed, test_fraction=req.test_fraction)
+        widths = UNET_WIDTHS[req.unet]
+        cfg = efficacy.EfficacyConfig(
+            methods=tuple(dict.fromkeys((req.model, *req.baselines))),
+            n_synthetic=tuple(req.n_pairs),
+            seeds=tuple(req.seeds),
+            protocols=tuple(req.protocols),
+            preset=req.preset,
+            generator_steps=req.steps,
+            generator_seed=req.split_seed,
+            pretrained={req.model: str(_model_checkpoint(ctx, req.model_id))} if req.model_id else {},
+            segmenter=efficacy.segmenter_config(
+                channels=widths, strides=[2] * (len(widths) - 1), epochs=req.unet_epochs
+            ),
+        )
+        device = pipeline.default_device()
+        report = efficacy.run_efficacy(
+            data, cfg, out_dir / "work", progress=ctx.progress, should_stop=ctx.should_stop, device=device
+        )
+        report["cohort_id"], report["model_id"] = req.cohort_id, req.model_id
+        efficacy.plot_report(report, out_dir / "report.png")
+        (out_dir / "report.md").write_text(efficacy.report_markdown(report, title="Does augmentation help?"))
+        write_json_atomic(out_dir / "report.json", efficacy.json_safe(report))
+
+    run_job(req.job_id, req.tenant, body, lambda ctx, state: _remove_output(ctx))
 
 
 @app.task(name=names.IMPORT_MODEL, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

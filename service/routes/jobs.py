@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from contract.jobs import aget, decode, events_key, to_out
-from contract.schemas import ID_PATTERN, TERMINAL_STATES, ErrorOut, JobList, JobOut, JobState
+from contract.schemas import ID_PATTERN, TERMINAL_STATES, ErrorOut, JobKind, JobList, JobOut, JobState
 from service.dataset import preview_png, stream_dataset
 from service.deps import Context, Ctx, Tenant
 from service.errors import ApiError, not_found
@@ -151,3 +151,37 @@ def preview(job_id: JobId, ctx: Ctx, tenant: Tenant, n: Annotated[int, Query(ge=
     if png is None:
         raise ApiError(409, f"job {job_id} has no generated pair yet; retry when progress.done > 0")
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+def _report_file(ctx: Context, tenant: str, job_id: str, name: str) -> bytes:
+    """A file of a finished evaluation job: 409 for another kind of job or one not finished."""
+    rec = _record(ctx, tenant, job_id)
+    if rec["kind"] != JobKind.evaluation.value:
+        raise ApiError(409, f"job {job_id} is a {rec['kind']} job: it has no report")
+    if rec["state"] != JobState.succeeded.value:
+        raise ApiError(409, f"job {job_id} is {rec['state']}: the report exists once it has succeeded")
+    path = ctx.storage.path(tenant, "outputs", job_id) / name
+    if not path.is_file():
+        raise ApiError(409, f"job {job_id} has no {name}")
+    return path.read_bytes()
+
+
+@router.get(
+    "/{job_id}/report.json",
+    responses={**NOT_FOUND, 409: {"model": ErrorOut}, 200: {"content": {"application/json": {}}}},
+)
+def report_json(job_id: JobId, ctx: Ctx, tenant: Tenant) -> Response:
+    """An evaluation's result: every run (``rows``: method, protocol, n_synthetic, seed, dice_slice,
+    dice_3d, hd95), the mean / std / 95 % interval per cell (``summary``), the best N of each method and
+    its gain over no augmentation (``verdict``), the quality of the synthetic pairs, and the settings."""
+    return Response(_report_file(ctx, tenant, job_id, "report.json"), media_type="application/json")
+
+
+@router.get(
+    "/{job_id}/report.png",
+    response_class=Response,
+    responses={**NOT_FOUND, 409: {"model": ErrorOut}, 200: {"content": {"image/png": {}}}},
+)
+def report_png(job_id: JobId, ctx: Ctx, tenant: Tenant) -> Response:
+    """Dice against the number of synthetic pairs, per method and protocol (mean +- std over seeds)."""
+    return Response(_report_file(ctx, tenant, job_id, "report.png"), media_type="image/png")

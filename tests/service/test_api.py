@@ -422,3 +422,62 @@ def test_an_unknown_generator_is_422(client, cohort_id):
         "/v1/trainings", json={"cohort_id": cohort_id, "model": "stylegan", "steps": 3}, headers=A
     )
     assert r.status_code == 422
+
+
+# ---------------------------------------------------------------------------------------------- evaluations
+def test_evaluation_is_queued_with_its_grid(client, settings, cohort_id):
+    body = {
+        "cohort_id": cohort_id,
+        "n_pairs": [8, 4, 8],
+        "seeds": 2,
+        "test_fraction": 0.5,
+        "baselines": ["traditional"],
+    }
+    r = client.post("/v1/evaluations", json=body, headers=A)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    [msg] = queued_messages(settings)
+    assert msg["headers"]["task"] == "dhvae.evaluate"
+    job = client.get(f"/v1/jobs/{job_id}", headers=A).json()
+    assert job["kind"] == "evaluation" and job["state"] == "queued"
+    # (real-only + 2 generators x 2 distinct N) x 2 seeds x 2 protocols
+    assert job["progress"] == {**job["progress"], "total": 20, "unit": "runs"}
+    assert job["links"]["report"] == f"/v1/jobs/{job_id}/report.json"
+    # no report before the job has succeeded; no dataset for an evaluation; nothing for another tenant
+    assert client.get(f"/v1/jobs/{job_id}/report.json", headers=A).status_code == 409
+    assert client.get(f"/v1/jobs/{job_id}/download", headers=A).status_code == 409
+    assert client.get(f"/v1/jobs/{job_id}/report.png", headers=B).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "change, status",
+    [
+        ({"n_pairs": []}, 422),
+        ({"n_pairs": [0]}, 422),
+        ({"seeds": 0}, 422),
+        ({"seeds": [-1]}, 422),
+        ({"test_fraction": 1.0}, 422),
+        ({"baselines": ["stylegan"]}, 422),
+        ({"protocols": ["longer"]}, 422),
+        ({"n_pairs": [1, 2, 3, 4, 5, 6, 7, 8, 9], "seeds": 20, "baselines": ["traditional", "vae"]}, 422),
+        ({"cohort_id": "coh_" + "0" * 32}, 404),
+        ({"model_id": "mdl_" + "0" * 32}, 404),
+    ],
+)
+def test_bad_evaluations(client, cohort_id, change, status):
+    r = client.post("/v1/evaluations", json={"cohort_id": cohort_id, **change}, headers=A)
+    assert r.status_code == status, r.text
+
+
+def test_evaluation_refuses_a_model_trained_on_the_same_cohort(client, settings, cohort_id):
+    from service.lookups import create_model_record
+
+    ctx = client.app.state.ctx
+    create_model_record(
+        ctx, "tenant-a", "mdl_" + "1" * 32, source="training", cohort_id=cohort_id, status="ready"
+    )
+    r = client.post(
+        "/v1/evaluations", json={"cohort_id": cohort_id, "model_id": "mdl_" + "1" * 32}, headers=A
+    )
+    assert r.status_code == 409 and "test patients" in r.json()["detail"]
+    assert queued_messages(settings) == []

@@ -304,3 +304,40 @@ def test_whole_worker_killed_job_is_requeued_by_janitor(stack, cohort):
     stack.restart_worker()
     job = stack.done(job_id)
     assert job["attempts"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def test_evaluation_end_to_end_report_and_plot(stack, cohort):
+    body = {
+        "cohort_id": cohort,
+        "preset": "tiny",
+        "steps": 3,
+        "n_pairs": [4],
+        "seeds": 2,
+        "test_fraction": 0.5,
+        "baselines": ["traditional"],
+        "unet": "tiny",
+        "unet_epochs": 1,
+    }
+    r = stack.http.post("/v1/evaluations", json=body, headers=A)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    job = stack.done(job_id)
+    assert job["kind"] == "evaluation" and job["progress"]["unit"] == "runs"
+    report = stack.http.get(f"/v1/jobs/{job_id}/report.json", headers=A).json()
+    assert report["complete"] is True
+    train, test = report["data"]["train_patients"], report["data"]["test_patients"]
+    assert len(train) == len(test) == 1 and set(train) | set(test) == {
+        "brats_2013_pat0005_1",
+        "brats_2013_pat0006_1",
+    }
+    working = [m for m in ("dhvae", "traditional") if m not in report["failed_generators"]]
+    assert "traditional" in working
+    assert len(report["rows"]) == (1 + len(working)) * 2 * 2  # (none + generators) x seeds x protocols
+    for row in report["rows"]:
+        assert {"method", "protocol", "n_synthetic", "seed", "dice_slice", "dice_3d", "hd95"} <= set(row)
+        assert 0.0 <= row["dice_slice"] <= 1.0
+    assert set(report["verdict"]) == {"fixed_epochs", "step_matched"}
+    png = stack.http.get(f"/v1/jobs/{job_id}/report.png", headers=A)
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+    assert stack.http.get(f"/v1/jobs/{job_id}/report.json", headers=B).status_code == 404

@@ -1,0 +1,133 @@
+"""The efficacy protocol (models/efficacy.py) end to end on a phantom cohort with tiny settings."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models import pipeline
+from models.cohort import CohortSpec
+from models.efficacy import (
+    EfficacyConfig,
+    build_report,
+    cells,
+    plot_report,
+    report_markdown,
+    run_efficacy,
+    split_cohort,
+    verdicts,
+)
+from models.errors import Cancelled, DHVAEError
+from models.evaluation import SegmenterConfig
+from models.phantoms import make_phantom_cohort
+from models.preprocess import PreprocessConfig
+
+PREP = PreprocessConfig(shape=(32, 32, 16))
+TINY_UNET = SegmenterConfig(channels=(4, 8), strides=(2,), num_res_units=0, batch_size=8, epochs=1)
+# Generators too weak to reach a floor in 3 steps: accept any mask, so the grid always runs.
+TINY = dict(
+    preset="tiny",
+    generator_steps=3,
+    segmenter=TINY_UNET,
+    generator_overrides={"sampling.min_mask_area": 0},
+    quality=False,
+)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eff")
+    path = make_phantom_cohort(root / "cohort", n_cases=4, shape=(40, 40, 20), seed=2)
+    return pipeline.ingest(path, cache_dir=root / "cache", spec=CohortSpec(), prep=PREP)
+
+
+def test_split_keeps_every_test_patient_away_from_the_generators(cohort):
+    data = split_cohort(cohort, seed=0, test_fraction=0.5)
+    assert len(data.split.train) == 2 and len(data.split.test) == 2
+    assert not set(data.split.train) & set(data.split.test)
+    assert set(data.generator_slices.slices.case_ids) <= set(data.split.train)
+    assert {c.case_id for c in data.generator_slices.slices.cases} == set(data.split.train)
+    assert {c.case_id for c in data.test_cases} == set(data.split.test)
+    # the U-Net's real slices: every tumour slice of the training patients, more than the balanced ones
+    n_tumour = sum(int((c.mask.sum((0, 1)) > 0).sum()) for c in data.generator_slices.slices.cases)
+    assert len(data.real_train) == n_tumour >= len(data.generator_slices.slices.case_ids)
+    explicit = split_cohort(cohort, train_ids=["phantom_000"], test_ids=["phantom_003"])
+    assert explicit.split.train == ("phantom_000",) and explicit.split.test == ("phantom_003",)
+    with pytest.raises(DHVAEError, match="disjoint"):
+        split_cohort(cohort, train_ids=["phantom_000"], test_ids=["phantom_000"])
+
+
+def test_grid_cells():
+    cfg = EfficacyConfig(methods=("dhvae", "traditional"), n_synthetic=(4, 8), seeds=(0, 1))
+    assert cfg.methods[0] == "none"
+    grid = cells(cfg)
+    # none: 1 N x 2 seeds; each generator: 2 N x 2 seeds; times 2 protocols
+    assert len(grid) == 2 * (2 + 2 * 2 * 2)
+    assert {c["n_synthetic"] for c in grid if c["method"] == "none"} == {0}
+    with pytest.raises(DHVAEError, match="unknown method"):
+        EfficacyConfig(methods=("stylegan",))
+
+
+def test_run_is_resumable_and_reports(cohort, tmp_path: Path):
+    data = split_cohort(cohort, seed=0, test_fraction=0.5)
+    cfg = EfficacyConfig(methods=("traditional", "vae"), n_synthetic=(4, 8), seeds=(0, 1), **TINY)
+    stops = iter([False] * 5 + [True])
+    with pytest.raises(Cancelled):  # killed part-way through the grid
+        run_efficacy(data, cfg, tmp_path / "w", should_stop=lambda: next(stops, True))
+    partial = [json.loads(line) for line in (tmp_path / "w/rows.jsonl").read_text().splitlines()]
+    assert 0 < len(partial) < len(cells(cfg))
+
+    seen = []
+    report = run_efficacy(data, cfg, tmp_path / "w", progress=seen.append)
+    assert report["complete"] and len(report["rows"]) == len(cells(cfg))
+    assert seen[0].done == len(partial)  # resumed: the finished cells were not run again
+    again = run_efficacy(data, cfg, tmp_path / "w")  # everything done: the same report
+    assert again["rows"] == report["rows"]
+
+    for row in report["rows"]:
+        assert 0.0 <= row["dice_slice"] <= 1.0 and 0.0 <= row["dice_3d"] <= 1.0 and row["hd95"] >= 0
+    budget = report["step_budget"]
+    step_matched = [r for r in report["rows"] if r["protocol"] == "step_matched"]
+    assert {r["steps"] for r in step_matched} == {budget}  # every run of the grid, real-only included
+    fixed = {
+        (r["method"], r["n_synthetic"]): r["steps"] for r in report["rows"] if r["protocol"] == "fixed_epochs"
+    }
+    assert fixed[("none", 0)] < fixed[("vae", 8)] == budget  # fixed epochs: more slices, more steps
+    # the same generator pairs serve both protocols and nest: N=4 is a prefix of N=8
+    pairs = np.load(tmp_path / "w/vae/pairs.npy")
+    assert pairs.shape[0] == 8 and pairs.shape[1:] == (2, 32, 32)
+
+    summary = {(s["protocol"], s["method"], s["n_synthetic"]): s for s in report["summary"]}
+    assert summary[("step_matched", "none", 0)]["n_seeds"] == 2
+    assert set(report["verdict"]) == {"fixed_epochs", "step_matched"}
+    md = report_markdown(report, paper=True)
+    assert "| step_matched | vae | 8 | 2 |" in md and "84.4" in md
+    plot_report(report, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    other = EfficacyConfig(methods=("traditional",), n_synthetic=(4,), seeds=(0,), **TINY)
+    with pytest.raises(DHVAEError, match="other settings"):
+        run_efficacy(data, other, tmp_path / "w")
+
+
+def test_verdict_gain_and_seed_spread():
+    def s(method, n, mean, std):
+        half = 2.0 * std
+        m = {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": 3}
+        return {"protocol": "step_matched", "method": method, "n_synthetic": n, "n_seeds": 3, "dice_slice": m}
+
+    summary = [
+        s("none", 0, 0.5, 0.01),
+        s("dhvae", 10, 0.6, 0.01),
+        s("dhvae", 20, 0.55, 0.01),
+        s("vae", 10, 0.51, 0.02),
+    ]
+    v = verdicts(summary)["step_matched"]
+    assert v["none"] == 0.5
+    assert v["methods"]["dhvae"]["best_n"] == 10 and math.isclose(v["methods"]["dhvae"]["gain"], 0.1)
+    assert v["methods"]["dhvae"]["beyond_seed_spread"] is True
+    assert v["methods"]["vae"]["beyond_seed_spread"] is False
+    report = build_report([], EfficacyConfig(seeds=(0,)), {}, {}, step_budget=1)
+    assert report["rows"] == [] and not report["complete"]
