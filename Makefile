@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-stamp
 WEIGHTS := weights/vgg16_lpips.pt
 SHARED_TRAIN := ../shared/data/brats2015-deepmedic/train
 
-.PHONY: setup test test-fast demo run lint openapi bench bench-service bench-quality clean
+.PHONY: setup test test-fast demo run lint openapi bench bench-service bench-quality bench-efficacy clean
 
 setup: $(STAMP) $(WEIGHTS)
 
@@ -52,6 +52,10 @@ bench-quality: setup
 
 bench-service: setup
 	$(PY) bench/service/bench_service.py
+
+# GRID=cpu (about an hour on 2 cores) or GRID=full (the issue's grid; GPU-sized)
+bench-efficacy: setup
+	$(PY) bench/efficacy/run.py --grid $(or $(GRID),cpu)
 
 clean:
 	rm -rf augmented .augmented.model .cache

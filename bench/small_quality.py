@@ -23,25 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from brats import DATA, REPO, combined_cohort
 from models import pipeline
 from models.checkpoint import build_model, model_from_checkpoint
 from models.cohort import CohortSpec
 from models.config import SamplingConfig
 from models.evaluation import quality_metrics
 from models.sampler import Pair, sample_pairs
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared/data/brats2015-deepmedic"
-
-
-def combined_cohort(splits: list[str], tmp: Path) -> Path:
-    """A cohort folder of symlinks to the cases of several splits (no data is copied)."""
-    root = tmp / "cohort"
-    root.mkdir()
-    for split in splits:
-        for case in sorted((DATA / split).iterdir()):
-            (root / case.name).symlink_to(case.resolve(), target_is_directory=True)
-    return root
 
 
 def sample(model: torch.nn.Module, n: int, seed: int) -> tuple[np.ndarray, dict]:
@@ -90,14 +78,22 @@ def main() -> None:
         test = pipeline.ingest(DATA / "test", cache_dir=tmp / "c", spec=spec)
         real_train, heldout = train.slices.slices, test.slices.slices
 
-        # Calibrate the number of steps to the budget with a short timed run (counted in the budget).
+        # Calibrate the number of steps to the budget with a short timed run (counted in the budget):
+        # the median time between steps after the first (model set-up and warm-up excluded).
         t0 = time.perf_counter()
-        probe = pipeline.train(
-            train, model_dir=tmp / "probe", preset="small", steps=3, seed=args.seed, device="cpu"
+        stamps: list[float] = []
+        pipeline.train(
+            train,
+            model_dir=tmp / "probe",
+            preset="small",
+            steps=4,
+            seed=args.seed,
+            device="cpu",
+            progress=lambda p: stamps.append(time.perf_counter()) if p.stage == "train" else None,
         )
-        per_step = (time.perf_counter() - t0) / 3
-        steps = max(10, int(args.minutes * 60 / per_step * 0.95) - 3)
-        del probe
+        probe_s = time.perf_counter() - t0
+        per_step = float(np.median(np.diff(stamps[-4:])))
+        steps = max(10, int((args.minutes * 60 - probe_s) / per_step * 0.97))
         log_every = max(1, steps // 20)
         curve: list[dict] = []
 
@@ -115,7 +111,7 @@ def main() -> None:
             device="cpu",
             progress=progress,
         )
-        train_minutes = (time.perf_counter() - t1) / 60 + 3 * per_step / 60
+        train_minutes = (time.perf_counter() - t1 + probe_s) / 60
         model, payload = model_from_checkpoint(ckpt)
         cfg = payload["config_obj"]
 

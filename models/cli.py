@@ -50,7 +50,7 @@ class ProgressBar:
             self.bar = None
 
 
-def _overrides(items: list[str]) -> dict[str, Any]:
+def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``--set loss.alpha=0.01 --set flow.beta0_convention=code`` -> dotted overrides (JSON values)."""
     out: dict[str, Any] = {}
     for item in items:
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
             print(json.dumps(ing.summary, indent=2))
             return 0
-        overrides = _overrides(args.set)
+        overrides = parse_overrides(args.set)
         if args.command == "train":
             ing = pipeline.ingest(args.cohort, cache_dir=args.cache_dir, spec=spec, prep=prep, progress=bar)
             ckpt = pipeline.train(

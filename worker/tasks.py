@@ -207,7 +207,6 @@ def evaluate(payload: dict) -> None:
             protocols=tuple(req.protocols),
             preset=req.preset,
             generator_steps=req.steps,
-            generator_seed=req.split_seed,
             pretrained={req.model: str(_model_checkpoint(ctx, req.model_id))} if req.model_id else {},
             segmenter=efficacy.segmenter_config(
                 channels=widths, strides=[2] * (len(widths) - 1), epochs=req.unet_epochs

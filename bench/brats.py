@@ -1,0 +1,23 @@
+"""The shared BraTS cases (../shared/data/brats2015-deepmedic, CC BY-NC-SA: read in place, never copied)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared/data/brats2015-deepmedic"
+
+
+def combined_cohort(splits: list[str], tmp: Path) -> Path:
+    """A cohort folder of symlinks to the cases of several splits (no data is copied)."""
+    root = tmp / "cohort"
+    root.mkdir()
+    for split in splits:
+        for case in sorted((DATA / split).iterdir()):
+            (root / case.name).symlink_to(case.resolve(), target_is_directory=True)
+    return root
+
+
+def split_ids(split: str) -> list[str]:
+    """The case ids of one split (folder names)."""
+    return sorted(p.name for p in (DATA / split).iterdir() if p.is_dir())

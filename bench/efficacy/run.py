@@ -1,0 +1,137 @@
+"""Does dHVAE augmentation raise the Dice of a U-Net trained on few BraTS patients? (issue 4)
+
+Generators and U-Nets learn from the training patients only (train + validation splits of
+../shared/data/brats2015-deepmedic); Dice is measured on the test patients, whom no generator sees.
+The protocol is models/efficacy.py (the same code the service's POST /v1/evaluations runs): every
+method x N x seed, under both training-length protocols (fixed_epochs, the paper's; step_matched, the
+fair one), then the table next to the paper's numbers and the Dice-against-N figure.
+
+    .venv/bin/python bench/efficacy/run.py --grid full          # the issue's grid (GPU-sized)
+    .venv/bin/python bench/efficacy/run.py --grid cpu           # what 2 CPU cores do in about 50 minutes
+
+Results: bench/results/<name>.{json,md,png} (name: efficacy for the full grid, efficacy_<grid> else).
+A killed run started again with the same arguments continues (work folder: runs/efficacy_<grid>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared-data helpers
+from brats import REPO, combined_cohort, split_ids  # noqa: E402
+from contract.schemas import UNET_WIDTHS  # noqa: E402
+from models import efficacy, pipeline  # noqa: E402
+from models.cli import parse_overrides  # noqa: E402
+from models.cohort import CohortSpec  # noqa: E402
+
+GRIDS = {
+    # The issue's grid: every method, N up to 2000, 5 seeds, the paper's U-Net and 40 epochs.
+    "full": dict(
+        methods=efficacy.METHODS,
+        n=[250, 500, 1000, 2000],
+        seeds=5,
+        preset="small",
+        steps=2000,
+        unet="paper",
+        epochs=40,
+    ),
+    # Sized for 2 CPU cores (about 50 min): dHVAE against no augmentation and traditional augmentation,
+    # small N, 3 seeds, 20 U-Net epochs. The generator is the `tiny` preset (no LPIPS term) trained for
+    # 1500 steps: the `small` preset does about 80 steps in that time on an AVX2-only CPU.
+    "cpu": dict(
+        methods=("none", "traditional", "dhvae"),
+        n=[100, 250],
+        seeds=3,
+        preset="tiny",
+        steps=1500,
+        unet="small",
+        epochs=20,
+    ),
+}
+
+
+def log_progress(p) -> None:
+    """Generator training every 100 steps; every U-Net run."""
+    if p.stage != "train" or p.done % 100 == 0 or p.done == p.total:
+        eta = "" if p.eta_s is None else f", eta {p.eta_s / 60:.1f} min"
+        logging.getLogger("bench.efficacy").info("%s %d/%d %s%s", p.stage, p.done, p.total, p.unit, eta)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="cpu")
+    ap.add_argument("--methods", nargs="+", choices=efficacy.METHODS)
+    ap.add_argument("--n", nargs="+", type=int, help="synthetic pairs to add (N > 0)")
+    ap.add_argument("--seeds", type=int, help="U-Net seeds 0..n-1")
+    ap.add_argument("--preset", choices=["tiny", "small", "paper"])
+    ap.add_argument("--steps", type=int, help="generator training steps")
+    ap.add_argument("--unet", choices=sorted(UNET_WIDTHS))
+    ap.add_argument("--epochs", type=int, help="U-Net epochs (fixed_epochs; sets the step_matched budget)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="generator override")
+    ap.add_argument("--name", help="results file stem (default: efficacy, or efficacy_<grid>)")
+    ap.add_argument("--work", type=Path, help="work folder (default: runs/<name>)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench/results")
+    args = ap.parse_args()
+    g = {**GRIDS[args.grid], **{k: v for k, v in vars(args).items() if k in GRIDS["full"] and v is not None}}
+    name = args.name or ("efficacy" if args.grid == "full" else f"efficacy_{args.grid}")
+    work = args.work or REPO / "runs" / name
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    overrides = parse_overrides(args.set)
+    widths = UNET_WIDTHS[g["unet"]]
+    cfg = efficacy.EfficacyConfig(
+        methods=tuple(g["methods"]),
+        n_synthetic=tuple(g["n"]),
+        seeds=tuple(range(g["seeds"])),
+        preset=g["preset"],
+        generator_steps=g["steps"],
+        generator_overrides=overrides,
+        segmenter=efficacy.segmenter_config(
+            channels=widths, strides=[2] * (len(widths) - 1), epochs=g["epochs"]
+        ),
+    )
+    device = pipeline.default_device()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cohort = combined_cohort(["train", "validation", "test"], Path(tmp))
+        ing = pipeline.ingest(cohort, cache_dir=work / "cache", spec=CohortSpec(channel="flair"))
+        data = efficacy.split_cohort(
+            ing, train_ids=split_ids("train") + split_ids("validation"), test_ids=split_ids("test")
+        )
+        report = efficacy.run_efficacy(data, cfg, work, device=device, progress=log_progress)
+    report["command"] = " ".join([".venv/bin/python bench/efficacy/run.py", *map(shlex.quote, sys.argv[1:])])
+    report["grid"] = args.grid
+    report["device"] = (
+        torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    )
+    report["machine"] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+    report["wall_minutes_this_invocation"] = round((time.perf_counter() - t0) / 60, 1)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    efficacy.plot_report(report, args.out / f"{name}.png")
+    md = efficacy.report_markdown(
+        report, paper=True, title=f"Efficacy on BraTS ({args.grid} grid, {report['device']})"
+    )
+    md += f"\nCommand: `{report['command']}`. Plot: `{name}.png`. Raw rows: `{name}.json`.\n"
+    (args.out / f"{name}.md").write_text(md)
+    (args.out / f"{name}.json").write_text(json.dumps(efficacy.json_safe(report), indent=1) + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
