@@ -53,7 +53,7 @@ bench-quality: setup
 bench-service: setup
 	$(PY) bench/service/bench_service.py
 
-# GRID=cpu (about an hour on 2 cores) or GRID=full (the issue's grid; GPU-sized)
+# GRID=full (the issue's grid; GPU-sized) or GRID=cpu (a pilot of the protocol; its U-Nets barely train)
 bench-efficacy: setup
 	$(PY) bench/efficacy/run.py --grid $(or $(GRID),cpu)
 

@@ -263,12 +263,16 @@ def synthetic_pairs(
 
 
 def cells(cfg: EfficacyConfig) -> list[dict[str, Any]]:
-    """Every (method, protocol, n_synthetic, seed) to run: "none" at N = 0, each generator at each N."""
+    """Every (method, protocol, n_synthetic, seed) to run: "none" at N = 0, each generator at each N.
+
+    Seed-major order: a run stopped part-way has whole curves (every method, N and protocol) for the
+    seeds it finished.
+    """
     out = []
-    for protocol in cfg.protocols:
-        for method in cfg.methods:
-            for n in (0,) if method == "none" else cfg.n_synthetic:
-                for seed in cfg.seeds:
+    for seed in cfg.seeds:
+        for protocol in cfg.protocols:
+            for method in cfg.methods:
+                for n in (0,) if method == "none" else cfg.n_synthetic:
                     out.append({"method": method, "protocol": protocol, "n_synthetic": n, "seed": seed})
     return out
 
@@ -297,8 +301,13 @@ def run_efficacy(
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     device: torch.device | str = "cpu",
+    report_only: bool = False,
 ) -> dict[str, Any]:
-    """Run (or finish) the whole grid and return the report (:func:`build_report`)."""
+    """Run (or finish) the whole grid and return the report (:func:`build_report`).
+
+    ``report_only``: run nothing more; report the cells finished so far (``complete`` says whether
+    that is all of them).
+    """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     settings = {"config": cfg.to_dict(), "data": data.summary()}
@@ -310,6 +319,8 @@ def run_efficacy(
     pairs: dict[str, np.ndarray] = {}
     failed: dict[str, str] = {}
     for method in cfg.generators:
+        if report_only and not (work_dir / method / "pairs.npy").is_file():
+            continue
         log.info("efficacy: generator %s", method)
         try:
             pairs[method] = synthetic_pairs(
@@ -324,6 +335,8 @@ def run_efficacy(
     rows = _read_rows(rows_path)
     done = {_key(r) for r in rows}
     todo = [c for c in cells(cfg) if _key(c) not in done and c["method"] not in failed]
+    if report_only:
+        todo = []
     reporter = Reporter("evaluate", len(done) + len(todo), "runs", progress, should_stop, start=len(done))
     reporter.report(len(done))
     with open(rows_path, "a") as sink:

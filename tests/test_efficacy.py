@@ -78,6 +78,8 @@ def test_run_is_resumable_and_reports(cohort, tmp_path: Path):
         run_efficacy(data, cfg, tmp_path / "w", should_stop=lambda: next(stops, True))
     partial = [json.loads(line) for line in (tmp_path / "w/rows.jsonl").read_text().splitlines()]
     assert 0 < len(partial) < len(cells(cfg))
+    snapshot = run_efficacy(data, cfg, tmp_path / "w", report_only=True)  # what is there, nothing more
+    assert not snapshot["complete"] and len(snapshot["rows"]) == len(partial)
 
     seen = []
     report = run_efficacy(data, cfg, tmp_path / "w", progress=seen.append)
