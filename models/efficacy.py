@@ -41,11 +41,12 @@ import numpy as np
 import torch
 
 from .config import SamplingConfig
-from .errors import DHVAEError, LowAcceptance
+from .errors import DHVAEError, LowAcceptance, WeightsMissing
 from .evaluation import (
     PROTOCOLS,
     PatientSplit,
     SegmenterConfig,
+    default_perceptual_net,
     patient_split,
     quality_metrics,
     run_downstream,
@@ -334,9 +335,7 @@ def run_efficacy(
     rows_path = work_dir / "rows.jsonl"
     rows = _read_rows(rows_path)
     done = {_key(r) for r in rows}
-    todo = [c for c in cells(cfg) if _key(c) not in done and c["method"] not in failed]
-    if report_only:
-        todo = []
+    todo = [] if report_only else [c for c in cells(cfg) if _key(c) not in done and c["method"] not in failed]
     reporter = Reporter("evaluate", len(done) + len(todo), "runs", progress, should_stop, start=len(done))
     reporter.report(len(done))
     with open(rows_path, "a") as sink:
@@ -369,16 +368,12 @@ def _quality(
     pairs: dict[str, np.ndarray], data: EfficacyData, cfg: EfficacyConfig, work_dir: Path
 ) -> dict[str, Any]:
     """Quality metrics of each generator's pairs against the test patients' slices (cached as JSON)."""
-    from .errors import WeightsMissing
-
     path = work_dir / "quality.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
     if not len(data.heldout):
         return {"note": "the test patients have no slice over the area floor: no quality reference"}
     net = None
     try:
-        from .evaluation import default_perceptual_net
-
         net = default_perceptual_net()
     except WeightsMissing:
         log.warning("VGG16 weights missing: LPIPS and the Frechet VGG16 distance are skipped")
