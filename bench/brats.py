@@ -21,3 +21,18 @@ def combined_cohort(splits: list[str], tmp: Path) -> Path:
 def split_ids(split: str) -> list[str]:
     """The case ids of one split (folder names)."""
     return sorted(p.name for p in (DATA / split).iterdir() if p.is_dir())
+
+
+def efficacy_data(cache_dir: Path):
+    """The efficacy split of the shared cases (FLAIR): train + validation patients learn, test patients test."""
+    import tempfile
+
+    from models import efficacy, pipeline
+    from models.cohort import CohortSpec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cohort = combined_cohort(["train", "validation", "test"], Path(tmp))
+        ing = pipeline.ingest(cohort, cache_dir=cache_dir, spec=CohortSpec(channel="flair"))
+    return efficacy.split_cohort(
+        ing, train_ids=split_ids("train") + split_ids("validation"), test_ids=split_ids("test")
+    )

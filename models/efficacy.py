@@ -580,6 +580,9 @@ def json_safe(obj: Any) -> Any:
 
 
 def segmenter_config(**overrides: Any) -> SegmenterConfig:
-    """SegmenterConfig with some fields replaced (tuples from lists, for JSON requests)."""
+    """SegmenterConfig with some fields replaced (tuples from lists, for JSON requests). ``channels``
+    without ``strides`` gets one stride-2 downsampling between consecutive widths."""
     fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
+    if "channels" in fixed and "strides" not in fixed:
+        fixed["strides"] = (2,) * (len(fixed["channels"]) - 1)
     return replace(SegmenterConfig(), **fixed)

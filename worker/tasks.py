@@ -199,7 +199,6 @@ def evaluate(payload: dict) -> None:
             progress=ctx.progress,
         )
         data = efficacy.split_cohort(ing, seed=req.split_seed, test_fraction=req.test_fraction)
-        widths = UNET_WIDTHS[req.unet]
         cfg = efficacy.EfficacyConfig(
             methods=tuple(dict.fromkeys((req.model, *req.baselines))),
             n_synthetic=tuple(req.n_pairs),
@@ -208,9 +207,7 @@ def evaluate(payload: dict) -> None:
             preset=req.preset,
             generator_steps=req.steps,
             pretrained={req.model: str(_model_checkpoint(ctx, req.model_id))} if req.model_id else {},
-            segmenter=efficacy.segmenter_config(
-                channels=widths, strides=[2] * (len(widths) - 1), epochs=req.unet_epochs
-            ),
+            segmenter=efficacy.segmenter_config(channels=UNET_WIDTHS[req.unet], epochs=req.unet_epochs),
         )
         device = pipeline.default_device()
         report = efficacy.run_efficacy(

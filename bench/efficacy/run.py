@@ -22,18 +22,16 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared-data helpers
-from brats import REPO, combined_cohort, split_ids  # noqa: E402
+from brats import REPO, efficacy_data  # noqa: E402
 from contract.schemas import UNET_WIDTHS  # noqa: E402
 from models import efficacy, pipeline  # noqa: E402
 from models.cli import parse_overrides  # noqa: E402
-from models.cohort import CohortSpec  # noqa: E402
 
 GRIDS = {
     # The grid: every method, N up to 2000, 5 seeds, the paper's U-Net and 40 epochs.
@@ -97,7 +95,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     overrides = parse_overrides(args.set)
-    widths = UNET_WIDTHS[g["unet"]]
     cfg = efficacy.EfficacyConfig(
         methods=tuple(g["methods"]),
         n_synthetic=tuple(g["n"]),
@@ -106,21 +103,18 @@ def main() -> None:
         preset=g["preset"],
         generator_steps=g["steps"],
         generator_overrides=overrides,
-        segmenter=efficacy.segmenter_config(
-            channels=widths, strides=[2] * (len(widths) - 1), epochs=g["epochs"], lr=g["lr"]
-        ),
+        segmenter=efficacy.segmenter_config(channels=UNET_WIDTHS[g["unet"]], epochs=g["epochs"], lr=g["lr"]),
     )
     device = pipeline.default_device()
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        cohort = combined_cohort(["train", "validation", "test"], Path(tmp))
-        ing = pipeline.ingest(cohort, cache_dir=work / "cache", spec=CohortSpec(channel="flair"))
-        data = efficacy.split_cohort(
-            ing, train_ids=split_ids("train") + split_ids("validation"), test_ids=split_ids("test")
-        )
-        report = efficacy.run_efficacy(
-            data, cfg, work, device=device, progress=log_progress, report_only=args.report_only
-        )
+    report = efficacy.run_efficacy(
+        efficacy_data(work / "cache"),
+        cfg,
+        work,
+        device=device,
+        progress=log_progress,
+        report_only=args.report_only,
+    )
     report["command"] = " ".join([".venv/bin/python bench/efficacy/run.py", *map(shlex.quote, sys.argv[1:])])
     report["grid"] = args.grid
     report["device"] = (

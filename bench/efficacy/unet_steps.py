@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared-data helpers
-from brats import REPO, combined_cohort, split_ids  # noqa: E402
+from brats import REPO, efficacy_data  # noqa: E402
 from contract.schemas import UNET_WIDTHS  # noqa: E402
-from models import efficacy, pipeline  # noqa: E402
-from models.cohort import CohortSpec  # noqa: E402
+from models import efficacy  # noqa: E402
 from models.evaluation import run_downstream  # noqa: E402
 
 
@@ -32,17 +30,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "bench/results/unet_steps.json")
     args = ap.parse_args()
-    widths = UNET_WIDTHS[args.unet]
-    with tempfile.TemporaryDirectory() as tmp:
-        cohort = combined_cohort(["train", "validation", "test"], Path(tmp))
-        ing = pipeline.ingest(cohort, cache_dir=REPO / "runs/cache", spec=CohortSpec(channel="flair"))
-    data = efficacy.split_cohort(
-        ing, train_ids=split_ids("train") + split_ids("validation"), test_ids=split_ids("test")
-    )
+    data = efficacy_data(REPO / "runs/cache")
     rows = []
     for lr in args.lr:
         for steps in args.steps:
-            cfg = efficacy.segmenter_config(channels=widths, strides=[2] * (len(widths) - 1), lr=lr)
+            cfg = efficacy.segmenter_config(channels=UNET_WIDTHS[args.unet], lr=lr)
             t0 = time.perf_counter()
             r = run_downstream(
                 data.real_train,
