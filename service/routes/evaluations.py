@@ -57,6 +57,7 @@ def create_evaluation(
                 "model": generator,
                 "seeds": body.seed_list(),
                 "n_pairs": sorted(set(body.n_pairs)),
+                "protocols": list(dict.fromkeys(body.protocols)),
             },
         )
         submit(

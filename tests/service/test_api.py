@@ -425,6 +425,19 @@ def test_an_unknown_generator_is_422(client, cohort_id):
 
 
 # ---------------------------------------------------------------------------------------------- evaluations
+def test_evaluation_payload_has_each_n_seed_and_protocol_once(client, settings, cohort_id):
+    body = {
+        "cohort_id": cohort_id,
+        "n_pairs": [8, 4, 8],
+        "seeds": [3, 1, 3],
+        "protocols": ["step_matched"] * 2,
+    }
+    assert client.post("/v1/evaluations", json=body, headers=A).status_code == 202
+    [msg] = queued_messages(settings)
+    payload = json.loads(__import__("base64").b64decode(msg["body"]))[1]["payload"]
+    assert (payload["n_pairs"], payload["seeds"], payload["protocols"]) == ([4, 8], [1, 3], ["step_matched"])
+
+
 def test_evaluation_is_queued_with_its_grid(client, settings, cohort_id):
     body = {
         "cohort_id": cohort_id,
