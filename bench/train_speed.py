@@ -1,6 +1,6 @@
 """Training and sampling speed of the dHVAE on this machine, side by side in one run.
 
-For each (preset, batch) it times, in a fresh subprocess each (so peak RSS is per configuration):
+For each (config, batch) it times, in a fresh subprocess each (so peak RSS is per configuration):
   reference     the authors' computational structure: 2K potential gradients per flow (each recomputed
                 from the graph), the perceptual net on target and reconstruction together, and the
                 adaptive weight's two gradients through the whole second-order graph;
@@ -8,6 +8,7 @@ For each (preset, batch) it times, in a fresh subprocess each (so peak RSS is pe
                 target's VGG features without a graph, adaptive weight through the whole graph;
   ours-default  our default: as ours-full, adaptive weight through the final decode only
                 (loss.adaptive_weight = "final_decode", a documented heuristic option);
+  ours-nhwc     ours-default with channels-last (NHWC) tensors and weights (train.channels_last = true)
   ours-bf16     ours-default under bfloat16 autocast (train.precision = "bf16"; the small preset's
                 "auto" picks it on CPUs with AMX / AVX512-BF16 like this one).
 Every step has the adversarial branch active (disc_start = 0) and the perceptual loss on, like the
@@ -15,7 +16,12 @@ authors' figures quoted in issue #2 (median of 5 steps after warm-up). The refer
 losses are checked equal on the same batch and noise before timing.
 
     .venv/bin/python bench/train_speed.py            # full run, writes bench/results/train_speed.{json,md}
-    .venv/bin/python bench/train_speed.py --quick    # small preset only, fewer steps
+    .venv/bin/python bench/train_speed.py --quick    # c32 at batch 4 only, fewer steps
+    .venv/bin/python bench/train_speed.py --cells c32:4 paper:1 --modes reference ours-full ours-default \
+        --name train_speed_avx2                       # some cells only (a CPU without native bf16)
+
+Configs: "c32" is the issue's "C=32 (else paper config)" for which it quotes the authors' figures (the
+`small` preset was that width until 2026-12-01; older results files call it "small"); "paper" is C=128.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -38,19 +45,40 @@ sys.path.insert(0, str(REPO))
 
 from models import losses  # noqa: E402
 from models.checkpoint import build_model  # noqa: E402
-from models.config import get_preset  # noqa: E402
+from models.config import DHVAEConfig, get_preset  # noqa: E402
 from models.dhvae import DHVAE, StepLosses, _randn_like  # noqa: E402
 from models.pipeline import attach_perceptual  # noqa: E402
-from models.train import autocast, step_generator  # noqa: E402
+from models.train import autocast, bf16_native, step_generator  # noqa: E402
 
 # The authors' figures on a 2-core machine (issue #2): seconds per step, peak GB; sampling pairs/s.
 AUTHORS = {
-    ("small", 4): {"s_per_step": 7.2, "peak_gb": 3.5},
-    ("small", 16): {"s_per_step": 42.9, "peak_gb": 11.6},
+    ("c32", 4): {"s_per_step": 7.2, "peak_gb": 3.5},
+    ("c32", 16): {"s_per_step": 42.9, "peak_gb": 11.6},
     ("paper", 1): {"s_per_step": 11.7, "peak_gb": None},
     ("paper", 2): {"s_per_step": 23.8, "peak_gb": 6.6},
 }
-AUTHORS_SAMPLING = {"small": 33.6, "paper": 5.1}
+AUTHORS_SAMPLING = {"c32": 33.6, "paper": 5.1}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def speed_config(name: str) -> DHVAEConfig:
+    """The two configurations the issue quotes the authors' figures for: the paper's, and C = 32."""
+    paper = get_preset("paper")
+    if name == "paper":
+        return paper
+    if name == "c32":
+        return paper.replace(**{"network.base_channels": 32})
+    raise KeyError(f"unknown speed config {name!r}; choose c32 or paper")
 
 
 def reference_losses(model: DHVAE, x: torch.Tensor, step: int, rng: torch.Generator) -> StepLosses:
@@ -84,17 +112,24 @@ def reference_losses(model: DHVAE, x: torch.Tensor, step: int, rng: torch.Genera
     )
 
 
-MODES = ["reference", "ours-full", "ours-default", "ours-bf16"]
+MODES = ["reference", "ours-full", "ours-default", "ours-nhwc", "ours-bf16"]
 
 
 def build(preset: str, mode: str) -> DHVAE:
     aw = "full" if mode in ("reference", "ours-full") else "final_decode"
-    cfg = get_preset(preset).replace(
-        **{"loss.disc_start": 0, "loss.perceptual": "vgg16", "loss.adaptive_weight": aw}
+    cfg = speed_config(preset).replace(
+        **{
+            "loss.disc_start": 0,
+            "loss.perceptual": "vgg16",
+            "loss.adaptive_weight": aw,
+            "train.channels_last": mode == "ours-nhwc",
+        }
     )
     torch.manual_seed(0)
     model = build_model(cfg)
     attach_perceptual(model, cfg, "cpu")
+    if mode == "ours-nhwc":
+        model.to(memory_format=torch.channels_last)
     return model
 
 
@@ -111,6 +146,8 @@ def time_training(preset: str, b: int, mode: str, steps: int, warmup: int) -> di
     opt_g = torch.optim.AdamW(model.generator_parameters(), lr=4.5e-5, betas=(0.5, 0.9))
     opt_d = torch.optim.AdamW(model.discriminator_parameters(), lr=4.5e-5, betas=(0.5, 0.9))
     x = batch(b)
+    if mode == "ours-nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
     precision = "bf16" if mode == "ours-bf16" else "fp32"
     times = []
     for s in range(warmup + steps):
@@ -163,7 +200,7 @@ def time_sampling(preset: str, n: int = 64) -> dict:
     from models.sampler import sample_pairs
 
     torch.manual_seed(0)
-    model = build_model(get_preset(preset))
+    model = build_model(speed_config(preset))
     cfg = SamplingConfig(min_mask_area=0)
     list(sample_pairs(model, cfg.batch_size, seed=0, cfg=cfg, image_size=128))  # warm-up
     rates = []
@@ -204,6 +241,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cells", nargs="+", metavar="CONFIG:BATCH", help="only these cells, e.g. c32:4 paper:1")
+    ap.add_argument("--modes", nargs="+", choices=MODES, help="only these modes")
+    ap.add_argument("--name", help="results file stem (default train_speed, or train_speed_quick)")
     ap.add_argument("--out", type=Path, default=REPO / "bench/results")
     args = ap.parse_args()
     if args.one:
@@ -214,18 +254,24 @@ def main() -> None:
     # (preset, batch, modes). Paper batch 16 does not fit in 24 GB on a CPU (issue #2): the largest
     # batches are measured in the fastest mode only, where a step takes minutes in the others.
     grid = [
-        ("small", 4, MODES),
-        ("small", 16, MODES),
+        ("c32", 4, MODES),
+        ("c32", 16, MODES),
         ("paper", 1, MODES),
         ("paper", 2, MODES),
         ("paper", 4, ["ours-bf16"]),
         ("paper", 8, ["ours-bf16"]),
     ]
     if args.quick:
-        grid = [("small", 4, MODES)]
+        grid = [("c32", 4, MODES)]
+    if args.cells:
+        grid = [(c.split(":")[0], int(c.split(":")[1]), MODES) for c in args.cells]
+    if args.modes:
+        grid = [(c, b, [m for m in modes if m in args.modes]) for c, b, modes in grid]
     results: dict = {
+        "command": " ".join([".venv/bin/python bench/train_speed.py", *map(shlex.quote, sys.argv[1:])]),
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_model(),
+            "bf16_native": bf16_native(torch.device("cpu")),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -261,7 +307,7 @@ def main() -> None:
         print("sample", preset, r, flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "train_speed_quick" if args.quick else "train_speed"
+    name = args.name or ("train_speed_quick" if args.quick else "train_speed")
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"{name}.md").write_text(report(results))
     print(f"wrote {args.out / name}.json and .md")
@@ -281,17 +327,19 @@ def report(r: dict) -> str:
         "",
         f"Machine: {r['machine']}. Protocol: {r['protocol']}.",
         "",
-        "Command: `.venv/bin/python bench/train_speed.py` (each cell in its own process; peak = max RSS).",
+        f"Command: `{r.get('command', '.venv/bin/python bench/train_speed.py')}` (each cell in its own "
+        "process; peak = max RSS).",
         "",
-        "| preset | batch | authors (issue #2) | reference (authors' structure, measured here) | ours, same maths (fp32) | ours, final-decode weight (fp32) | ours, final-decode + bf16 | speed-up vs authors' figure (same / final / bf16) | vs reference measured here (same / final / bf16) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | batch | authors (issue #2) | reference (authors' structure, measured here) | ours, same maths (fp32) | ours, final-decode weight (fp32) | ours, final-decode + NHWC (fp32) | ours, final-decode + bf16 | speed-up vs authors' figure (same / final / NHWC / bf16) | vs reference measured here (same / final / NHWC / bf16) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["training"]:
         a = row.get("authors") or {}
-        ref, full, dflt, bf = (
+        ref, full, dflt, nhwc, bf = (
             row.get("reference"),
             row.get("ours-full"),
             row.get("ours-default"),
+            row.get("ours-nhwc"),
             row.get("ours-bf16"),
         )
 
@@ -304,8 +352,9 @@ def report(r: dict) -> str:
         r_s = ref.get("s_per_step") if ref and "error" not in ref else None
         lines.append(
             f"| {row['preset']} | {row['batch']} | {f'{a_s} s' if a_s else '-'} | {speed_or_blank(ref)} | "
-            f"{speed_or_blank(full)} | {speed_or_blank(dflt)} | {speed_or_blank(bf)} | {ratio(a_s, full)} / {ratio(a_s, dflt)} / {ratio(a_s, bf)} | "
-            f"{ratio(r_s, full)} / {ratio(r_s, dflt)} / {ratio(r_s, bf)} |"
+            f"{speed_or_blank(full)} | {speed_or_blank(dflt)} | {speed_or_blank(nhwc)} | {speed_or_blank(bf)} | "
+            f"{ratio(a_s, full)} / {ratio(a_s, dflt)} / {ratio(a_s, nhwc)} / {ratio(a_s, bf)} | "
+            f"{ratio(r_s, full)} / {ratio(r_s, dflt)} / {ratio(r_s, nhwc)} / {ratio(r_s, bf)} |"
         )
     lines += ["", "Same maths check (reference vs ours-full on one batch, same noise):", ""]
     for p, c in r["same_maths"].items():

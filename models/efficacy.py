@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 GENERATORS = ("traditional", "vae", "hvae", "lsgan", "dhvae")  # "none" is the real-only reference
 METHODS = ("none", *GENERATORS)
-METRICS = ("dice_slice", "dice_3d", "hd95")
+METRICS = ("dice_slice", "dice_pooled", "dice_3d", "hd95")
 
 # The paper's Dice (%) against synthetic slices added, BraTS FLAIR (method.md, the Dice-evolution figure).
 PAPER_BRATS = {
@@ -419,7 +419,8 @@ def build_report(
     for (protocol, method, n), rs in sorted(groups.items()):
         entry = {"protocol": protocol, "method": method, "n_synthetic": n, "n_seeds": len(rs)}
         for m in METRICS:
-            entry[m] = summarize([r[m] for r in rs])
+            values = [r[m] for r in rs if m in r]  # rows.jsonl of older runs lack dice_pooled
+            entry[m] = summarize(values) if values else {"mean": math.nan, "std": math.nan, "n": 0}
         summary.append(entry)
     return {
         "rows": [{k: v for k, v in r.items() if k != "per_case"} for r in rows],
@@ -513,8 +514,8 @@ def report_markdown(report: dict[str, Any], *, paper: bool = False, title: str =
         f"run (step_matched), batch {c['segmenter']['batch_size']}, seeds {c['seeds']}."
         + ("" if report["complete"] else " **Partial: not every cell of the grid has run yet.**"),
         "",
-        "| protocol | method | N | seeds | dice_slice (%) | dice_3d (%) | hd95 |",
-        "|---|---|---|---|---|---|---|",
+        "| protocol | method | N | seeds | dice_slice (%) | dice_pooled (%) | dice_3d (%) | hd95 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(s: dict[str, float], scale: float = 100.0) -> str:
@@ -525,7 +526,7 @@ def report_markdown(report: dict[str, Any], *, paper: bool = False, title: str =
     for s in report["summary"]:
         lines.append(
             f"| {s['protocol']} | {s['method']} | {s['n_synthetic']} | {s['n_seeds']} | {fmt(s['dice_slice'])} "
-            f"| {fmt(s['dice_3d'])} | {fmt(s['hd95'], 1.0)} |"
+            f"| {fmt(s['dice_pooled'])} | {fmt(s['dice_3d'])} | {fmt(s['hd95'], 1.0)} |"
         )
     lines += ["", "Best N per method (dice_slice), gain over no augmentation:", ""]
     for protocol, v in report["verdict"].items():

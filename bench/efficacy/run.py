@@ -46,16 +46,15 @@ GRIDS = {
         lr=1e-4,
         protocols=["fixed_epochs", "step_matched"],
     ),
-    # A pilot of the protocol on real data sized for 2 CPU cores, NOT a measurement of efficacy: at the
-    # step counts it affords, the U-Net stays near its starting point (bench/results/unet_steps.json:
-    # real-only dice_slice 0.09 after 1000 steps at lr 1e-4). The generator is the `tiny` preset (no
-    # LPIPS) for 1500 steps: the `small` preset does about 80 steps in that time on an AVX2-only CPU.
+    # Sized for 2 CPU cores: three methods, N up to 500, 3 seeds, the narrower U-Net. The generators are
+    # the `small` preset for 2000 steps (~30 min each on a 2-core AVX2 CPU); pass a checkpoint trained
+    # on the training patients with --pretrained dhvae=PATH (bench/small_quality.py --keep) to reuse one.
     "cpu": dict(
         methods=("none", "traditional", "dhvae"),
-        n=[100, 250],
+        n=[250, 500],
         seeds=3,
-        preset="tiny",
-        steps=1500,
+        preset="small",
+        steps=2000,
         unet="small",
         epochs=40,
         lr=1e-4,
@@ -84,6 +83,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, help="U-Net learning rate (method.md: 1e-4)")
     ap.add_argument("--protocols", nargs="+", choices=["fixed_epochs", "step_matched"])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="generator override")
+    ap.add_argument(
+        "--pretrained",
+        action="append",
+        default=[],
+        metavar="METHOD=CHECKPOINT",
+        help="sample METHOD from this checkpoint instead of training it (it must not have seen a test patient)",
+    )
     ap.add_argument("--name", help="results file stem (default: efficacy, or efficacy_<grid>)")
     ap.add_argument("--work", type=Path, help="work folder (default: runs/<name>)")
     ap.add_argument("--out", type=Path, default=REPO / "bench/results")
@@ -95,6 +101,16 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     overrides = parse_overrides(args.set)
+    pretrained = {}
+    learned = [g for g in efficacy.GENERATORS if g != "traditional"]  # the ones with a checkpoint
+    for item in args.pretrained:
+        method, sep, path = item.partition("=")
+        if not sep or method not in learned or not Path(path).is_file():
+            ap.error(
+                f"--pretrained {item!r}: expected METHOD=CHECKPOINT with METHOD one of "
+                f"{learned} and an existing file"
+            )
+        pretrained[method] = str(Path(path).resolve())
     cfg = efficacy.EfficacyConfig(
         methods=tuple(g["methods"]),
         n_synthetic=tuple(g["n"]),
@@ -103,6 +119,7 @@ def main() -> None:
         preset=g["preset"],
         generator_steps=g["steps"],
         generator_overrides=overrides,
+        pretrained=pretrained,
         segmenter=efficacy.segmenter_config(channels=UNET_WIDTHS[g["unet"]], epochs=g["epochs"], lr=g["lr"]),
     )
     device = pipeline.default_device()
