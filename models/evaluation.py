@@ -114,8 +114,8 @@ class SegmenterConfig:
     The U-Net's widths are not given by method.md; MONAI's usual 2D layout is the default. The optimiser
     fields beyond the learning rate are those of the authors' ``train_unet.ipynb``, which method.md does
     not list. ``momentum`` matters most: RMSprop's momentum of 0.999 multiplies the effective step by up
-    to 1000, and without it the U-Net barely moves in 40 epochs (real-only slice Dice 0.09 after 200
-    steps; 0.61 after 160 with it: bench/results/unet_steps.json).
+    to 1000, and without it the U-Net barely moves in 40 epochs (real-only slice Dice 0.09 after 160 to
+    760 steps; 0.62 after 160 with it: bench/results/unet_steps.json).
     """
 
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)
