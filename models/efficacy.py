@@ -52,6 +52,7 @@ from .evaluation import (
     run_downstream,
     step_matched_steps,
     summarize,
+    training_steps,
 )
 from .ingest import IngestResult
 from .preprocess import ResampledCase, restrict_to_cases
@@ -282,6 +283,11 @@ def _key(row: dict[str, Any]) -> tuple:
     return (row["method"], row["protocol"], row["n_synthetic"], row["seed"])
 
 
+def _run_key(row: dict[str, Any]) -> tuple:
+    """What determines a trained U-Net: the data (method, N), the seed and the number of steps."""
+    return (row["method"], row["n_synthetic"], row["seed"], row["steps"])
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a previous run; a line cut off by a kill is dropped (its cell runs again)."""
     rows = []
@@ -336,24 +342,31 @@ def run_efficacy(
     rows = _read_rows(rows_path)
     done = {_key(r) for r in rows}
     todo = [] if report_only else [c for c in cells(cfg) if _key(c) not in done and c["method"] not in failed]
+    # One U-Net per (method, N, seed, steps): at the largest N both protocols train the very same one
+    # (same slices, seed and step count), so the second protocol takes the first one's result.
+    trained = {_run_key(r): r for r in rows if all(m in r for m in METRICS)}
     reporter = Reporter("evaluate", len(done) + len(todo), "runs", progress, should_stop, start=len(done))
     reporter.report(len(done))
     with open(rows_path, "a") as sink:
         for cell in todo:
             reporter.check_cancelled()
             n = cell["n_synthetic"]
-            result = run_downstream(
-                data.real_train,
-                pairs[cell["method"]][:n] if n else None,
-                data.test_cases,
-                seed=cell["seed"],
-                cfg=cfg.segmenter,
-                protocol=cell["protocol"],
-                steps=budget if cell["protocol"] == "step_matched" else None,
-                device=device,
-            )
+            steps = training_steps(len(data.real_train) + n, cfg.segmenter, cell["protocol"], budget)
+            result = trained.get((cell["method"], n, cell["seed"], steps))
+            if result is None:
+                result = run_downstream(
+                    data.real_train,
+                    pairs[cell["method"]][:n] if n else None,
+                    data.test_cases,
+                    seed=cell["seed"],
+                    cfg=cfg.segmenter,
+                    protocol=cell["protocol"],
+                    steps=budget if cell["protocol"] == "step_matched" else None,
+                    device=device,
+                )
             row = {**cell, **{k: result[k] for k in (*METRICS, "steps", "n_real", "hd95_unit")}}
             row["per_case"] = result["per_case"]
+            trained[_run_key(row)] = row
             rows.append(row)
             sink.write(json.dumps(row) + "\n")
             sink.flush()

@@ -70,6 +70,24 @@ def test_grid_cells():
         EfficacyConfig(methods=("stylegan",))
 
 
+def test_protocols_share_the_u_net_they_both_train(cohort, tmp_path: Path, monkeypatch):
+    """At the largest N, fixed_epochs and step_matched train the same U-Net (same slices, seed, steps):
+    it is trained once and its result serves both rows."""
+    import models.efficacy as eff
+
+    trained = []
+    real = eff.run_downstream
+    monkeypatch.setattr(eff, "run_downstream", lambda *a, **k: trained.append(k) or real(*a, **k))
+    data = split_cohort(cohort, seed=0, test_fraction=0.5)
+    cfg = EfficacyConfig(methods=("traditional",), n_synthetic=(4, 8), seeds=(0,), **TINY)
+    report = run_efficacy(data, cfg, tmp_path / "w")
+    assert len(report["rows"]) == len(cells(cfg)) == 6
+    assert len(trained) == 5  # traditional N = 8 is trained once for both protocols
+    rows = {(r["protocol"], r["method"], r["n_synthetic"]): r for r in report["rows"]}
+    a, b = rows[("fixed_epochs", "traditional", 8)], rows[("step_matched", "traditional", 8)]
+    assert a["steps"] == b["steps"] and a["dice_slice"] == b["dice_slice"]
+
+
 def test_run_is_resumable_and_reports(cohort, tmp_path: Path):
     data = split_cohort(cohort, seed=0, test_fraction=0.5)
     cfg = EfficacyConfig(methods=("traditional", "vae"), n_synthetic=(4, 8), seeds=(0, 1), **TINY)
