@@ -18,7 +18,7 @@ losses are checked equal on the same batch and noise before timing.
     .venv/bin/python bench/train_speed.py            # full run, writes bench/results/train_speed.{json,md}
     .venv/bin/python bench/train_speed.py --quick    # c32 at batch 4 only, fewer steps
     .venv/bin/python bench/train_speed.py --cells c32:4 paper:1 --modes reference ours-full ours-default \
-        --name train_speed_avx2                       # some cells only (a CPU without native bf16)
+        --name train_speed_fp32                       # some cells only (e.g. a CPU without native bf16)
 
 Configs: "c32" is the issue's "C=32 (else paper config)" for which it quotes the authors' figures (the
 `small` preset was that width until 2026-12-01; older results files call it "small"); "paper" is C=128.

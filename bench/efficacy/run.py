@@ -33,33 +33,30 @@ from contract.schemas import UNET_WIDTHS  # noqa: E402
 from models import efficacy, pipeline  # noqa: E402
 from models.cli import parse_overrides  # noqa: E402
 
+# The grid: every method, N up to 2000, 5 seeds, the paper's U-Net and 40 epochs.
+FULL = dict(
+    methods=efficacy.METHODS,
+    n=[250, 500, 1000, 2000],
+    seeds=5,
+    preset="small",
+    steps=2000,
+    unet="paper",
+    epochs=40,
+    lr=1e-4,
+    protocols=["fixed_epochs", "step_matched"],
+)
 GRIDS = {
-    # The grid: every method, N up to 2000, 5 seeds, the paper's U-Net and 40 epochs.
-    "full": dict(
-        methods=efficacy.METHODS,
-        n=[250, 500, 1000, 2000],
-        seeds=5,
-        preset="small",
-        steps=2000,
-        unet="paper",
-        epochs=40,
-        lr=1e-4,
-        protocols=["fixed_epochs", "step_matched"],
-    ),
+    "full": FULL,
     # Sized for 2 CPU cores: three methods, N up to 500, 3 seeds, the narrower U-Net. The generators are
-    # the `small` preset for 2000 steps (~30 min each on a 2-core AVX2 CPU); pass a checkpoint trained
-    # on the training patients with --pretrained dhvae=PATH (bench/small_quality.py --keep) to reuse one.
-    "cpu": dict(
-        methods=("none", "traditional", "dhvae"),
-        n=[250, 500],
-        seeds=3,
-        preset="small",
-        steps=2000,
-        unet="small",
-        epochs=40,
-        lr=1e-4,
-        protocols=["fixed_epochs", "step_matched"],
-    ),
+    # the `small` preset for 2000 steps (~30 min each on 2 cores); pass a checkpoint trained on the
+    # training patients with --pretrained dhvae=PATH (bench/small_quality.py --keep) to reuse one.
+    "cpu": {
+        **FULL,
+        "methods": ("none", "traditional", "dhvae"),
+        "n": [250, 500],
+        "seeds": 3,
+        "unet": "small",
+    },
 }
 
 
@@ -95,14 +92,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench/results")
     ap.add_argument("--report-only", action="store_true", help="report the runs finished so far, run no more")
     args = ap.parse_args()
-    g = {**GRIDS[args.grid], **{k: v for k, v in vars(args).items() if k in GRIDS["full"] and v is not None}}
+    g = {**GRIDS[args.grid], **{k: v for k, v in vars(args).items() if k in FULL and v is not None}}
     name = args.name or ("efficacy" if args.grid == "full" else f"efficacy_{args.grid}")
     work = args.work or REPO / "runs" / name
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     overrides = parse_overrides(args.set)
     pretrained = {}
-    learned = [g for g in efficacy.GENERATORS if g != "traditional"]  # the ones with a checkpoint
+    learned = [m for m in efficacy.GENERATORS if m != "traditional"]  # the ones with a checkpoint
     for item in args.pretrained:
         method, sep, path = item.partition("=")
         if not sep or method not in learned or not Path(path).is_file():
