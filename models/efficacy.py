@@ -288,7 +288,7 @@ def _run_key(row: dict[str, Any]) -> tuple:
     return (row["method"], row["n_synthetic"], row["seed"], row["steps"])
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a previous run; a line cut off by a kill is dropped (its cell runs again)."""
     rows = []
     if path.is_file():
@@ -339,7 +339,7 @@ def run_efficacy(
 
     budget = step_matched_steps(len(data.real_train), cfg.n_max, cfg.segmenter)
     rows_path = work_dir / "rows.jsonl"
-    rows = _read_rows(rows_path)
+    rows = read_rows(rows_path)
     done = {_key(r) for r in rows}
     todo = [] if report_only else [c for c in cells(cfg) if _key(c) not in done and c["method"] not in failed]
     # One U-Net per (method, N, seed, steps): at the largest N both protocols train the very same one

@@ -58,10 +58,11 @@ GRIDS = {
         "seeds": 3,
         "unet": "small",
     },
-    # Every method of the issue on 2 CPU cores in ~1.5 hours: the six methods, N = 500 only (there the
-    # two protocols train the same U-Net, so a configuration costs one U-Net per seed), 3 seeds.
-    # Each learned generator trains the `small` preset for 2000 steps (VAE ~5 min, LSGAN ~8, HVAE ~22,
-    # dHVAE ~27 on a 2-core AVX512-BF16 CPU).
+    # Every method of the issue on 2 CPU cores: the six methods, N = 500 only (there the two protocols
+    # train the same U-Net, so a configuration costs one U-Net per seed), 3 seeds. Each learned generator
+    # trains the `small` preset for 2000 steps. Measured (bench/results/efficacy.json, 2-core
+    # AVX512-BF16 EPYC): 152 min in all; VAE 5 min, HVAE 27, LSGAN 9, dHVAE 61 (12 of them sharing the
+    # cores with a test run), then 21 U-Nets of ~1.7 min.
     "cpu-all": {
         **FULL,
         "n": [500],

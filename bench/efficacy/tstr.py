@@ -55,26 +55,22 @@ def main() -> None:
 
     # The real-only U-Net at the step_matched budget is the efficacy run's own ("none", step_matched)
     # row: the same slices, seed, steps and settings, so it is read back, not trained again.
-    run_rows = [json.loads(line) for line in (args.work / "rows.jsonl").read_text().splitlines()]
     real_rows = {
         r["seed"]: r
-        for r in run_rows
+        for r in efficacy.read_rows(args.work / "rows.jsonl")
         if r["method"] == "none" and r["protocol"] == "step_matched" and r["steps"] == steps
     }
     rows = []
     for seed in args.seeds:
         for name, pairs in sources.items():
-            if name == "real" and seed in real_rows:
-                r = real_rows[seed]
-                rows.append(
-                    {"train_on": name, "n_pairs": len(pairs), "seed": seed, "steps": r["steps"]}
-                    | {k: r[k] for k in efficacy.METRICS}
-                    | {"seconds": None, "from": "the efficacy run's rows.jsonl (none, step_matched)"}
-                )
-                continue
             t0 = time.perf_counter()
-            r = run_downstream(
-                pairs, None, data.test_cases, seed=seed, cfg=cfg, protocol="step_matched", steps=steps
+            reused = name == "real" and seed in real_rows
+            r = (
+                real_rows[seed]
+                if reused
+                else run_downstream(
+                    pairs, None, data.test_cases, seed=seed, cfg=cfg, protocol="step_matched", steps=steps
+                )
             )
             rows.append(
                 {
@@ -83,7 +79,10 @@ def main() -> None:
                     "seed": seed,
                     "steps": r["steps"],
                     **{k: r[k] for k in efficacy.METRICS},
-                    "seconds": round(time.perf_counter() - t0, 1),
+                    "seconds": None if reused else round(time.perf_counter() - t0, 1),
+                    "from": "the efficacy run's rows.jsonl (none, step_matched)"
+                    if reused
+                    else "trained here",
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
