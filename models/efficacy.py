@@ -250,7 +250,10 @@ def synthetic_pairs(
             raise DHVAEError(
                 f"the {method} model makes {size} px slices; the cohort's are {real.shape[-1]} px"
             )
-        sampling: SamplingConfig = payload["config_obj"].sampling
+        # ``sampling.*`` overrides reach a pretrained checkpoint too (e.g. another rejection floor);
+        # for a model trained here they are already in its config.
+        resample = {k: v for k, v in cfg.generator_overrides.items() if k.startswith("sampling.")}
+        sampling: SamplingConfig = payload["config_obj"].replace(**resample).sampling
         items = sample_pairs(
             model.to(device), cfg.n_max, seed=cfg.sample_seed, cfg=sampling, image_size=size, device=device
         )
@@ -317,9 +320,16 @@ def run_efficacy(
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"config": cfg.to_dict(), "data": data.summary()}
+
+    # Everything but the list of methods must match the run already in the folder: each method's
+    # pairs and U-Nets depend on the shared settings alone, so a run can be extended by more methods
+    # (or reported on fewer) without redoing the ones it has.
+    def shared(s: dict[str, Any]) -> dict[str, Any]:
+        return {**s, "config": {k: v for k, v in s["config"].items() if k != "methods"}}
+
+    settings = json.loads(json.dumps({"config": cfg.to_dict(), "data": data.summary()}))
     settings_path = work_dir / "settings.json"
-    if settings_path.is_file() and json.loads(settings_path.read_text()) != json.loads(json.dumps(settings)):
+    if settings_path.is_file() and shared(json.loads(settings_path.read_text())) != shared(settings):
         raise DHVAEError(f"{work_dir} holds a run with other settings; use another work directory")
     settings_path.write_text(json.dumps(settings, indent=2))
 
@@ -340,7 +350,8 @@ def run_efficacy(
     budget = step_matched_steps(len(data.real_train), cfg.n_max, cfg.segmenter)
     rows_path = work_dir / "rows.jsonl"
     rows = read_rows(rows_path)
-    done = {_key(r) for r in rows}
+    wanted = {_key(c) for c in cells(cfg)}
+    done = {_key(r) for r in rows} & wanted  # rows of other methods stay in the file, uncounted
     todo = [] if report_only else [c for c in cells(cfg) if _key(c) not in done and c["method"] not in failed]
     # One U-Net per (method, N, seed, steps): at the largest N both protocols train the very same one
     # (same slices, seed and step count), so the second protocol takes the first one's result.
@@ -370,7 +381,8 @@ def run_efficacy(
             rows.append(row)
             sink.write(json.dumps(row) + "\n")
             sink.flush()
-            reporter.report(len(rows), dice_slice=row["dice_slice"])
+            done.add(_key(row))
+            reporter.report(len(done), dice_slice=row["dice_slice"])
             log.info("efficacy: %s", {k: row[k] for k in (*cell, "dice_slice", "dice_3d")})
 
     quality = _quality(pairs, data, cfg, work_dir) if cfg.quality else {}
@@ -453,8 +465,9 @@ def build_report(
 
 
 def verdicts(summary: list[dict[str, Any]], metric: str = "dice_slice") -> dict[str, Any]:
-    """Per protocol: the real-only Dice, each method's best N and its gain, and whether the gain is larger
-    than the seed spread (the 95 % intervals of best-N and real-only do not overlap)."""
+    """Per protocol: the real-only Dice, each method's best N and its gain, and whether that difference,
+    either way, is larger than the seed spread (the 95 % intervals of best-N and real-only do not
+    overlap): a gain beyond it helps, a loss beyond it harms."""
     out: dict[str, Any] = {}
     for protocol in sorted({s["protocol"] for s in summary}):
         ours = [s for s in summary if s["protocol"] == protocol]
@@ -465,12 +478,13 @@ def verdicts(summary: list[dict[str, Any]], metric: str = "dice_slice") -> dict[
         for method in sorted({s["method"] for s in ours} - {"none"}):
             best = max((s for s in ours if s["method"] == method), key=lambda s: s[metric]["mean"])
             gain = best[metric]["mean"] - base[metric]["mean"]
-            separated = best[metric]["ci_low"] > base[metric]["ci_high"]
+            lo, hi = best[metric]["ci_low"], best[metric]["ci_high"]
+            separated = lo > base[metric]["ci_high"] or hi < base[metric]["ci_low"]
             per_method[method] = {
                 "best_n": best["n_synthetic"],
                 "best": best[metric]["mean"],
                 "gain": gain,
-                "beyond_seed_spread": bool(separated) if not math.isnan(best[metric]["ci_low"]) else None,
+                "beyond_seed_spread": bool(separated) if not math.isnan(lo) else None,
             }
         out[protocol] = {"metric": metric, "none": base[metric]["mean"], "methods": per_method}
     return out

@@ -10,7 +10,7 @@ dHVAE isolates the training objective, not the architecture:
 It has the interface :func:`models.train.fit` and :func:`models.sampler.sample_pairs` expect of a model
 (``training_losses``, ``discriminator_loss``, ``generator_parameters``, ``discriminator_parameters``,
 ``decode``, ``cfg``), so training, checkpoints, sampling with rejection and export are the dHVAE's, unchanged.
-Config fields used: ``network`` (decoder), ``discriminator``, ``train`` (AdamW for both, ``lr`` / ``disc_lr``)
+Config fields used: ``network`` (decoder), ``discriminator``, ``train`` (AdamW for both, ``lr``; ``disc_lr``, unset, follows it)
 and ``sampling``; ``flow`` and ``loss`` are ignored (no encoder, no flow, no reconstruction term, and the
 adversarial game runs from step 0: ``loss.disc_start`` does not apply).
 """

@@ -78,7 +78,7 @@ def _optimizers(model: nn.Module, cfg: DHVAEConfig) -> dict[str, torch.optim.Opt
     d_params = model.discriminator_parameters()
     if d_params:
         opts["discriminator"] = torch.optim.AdamW(
-            d_params, lr=t.disc_lr, betas=t.betas, weight_decay=t.weight_decay
+            d_params, lr=t.discriminator_lr, betas=t.betas, weight_decay=t.weight_decay
         )
     return opts
 

@@ -1,5 +1,6 @@
 """The efficacy protocol (models/efficacy.py) end to end on a phantom cohort with tiny settings."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ from models.efficacy import (
     report_markdown,
     run_efficacy,
     split_cohort,
+    synthetic_pairs,
     verdicts,
 )
 from models.errors import Cancelled, DHVAEError
@@ -88,6 +90,27 @@ def test_protocols_share_the_u_net_they_both_train(cohort, tmp_path: Path, monke
     assert a["steps"] == b["steps"] and a["dice_slice"] == b["dice_slice"]
 
 
+def test_pretrained_generator_is_sampled_with_the_runs_sampling_overrides(cohort, tmp_path: Path):
+    """A checkpoint given as ``pretrained`` is not retrained; ``sampling.*`` overrides (here the
+    rejection floor) apply to its sampling, the rest of its config is its own."""
+    data = split_cohort(cohort, seed=0, test_fraction=0.5)
+    cfg = EfficacyConfig(methods=("vae",), n_synthetic=(8,), seeds=(0,), **TINY)
+    trained = synthetic_pairs("vae", data, cfg, tmp_path / "a")
+    ckpt = str(tmp_path / "a/vae/model/model.pt")
+    same = synthetic_pairs("vae", data, dataclasses.replace(cfg, pretrained={"vae": ckpt}), tmp_path / "b")
+    np.testing.assert_array_equal(same, trained)  # same checkpoint, floor and seed: the same pairs
+
+    areas = (trained[:, 1] > 0.5).sum((1, 2))
+    floor = int(np.median(areas)) + 1
+    assert (areas < floor).any()  # the trained run kept masks the new floor rejects
+    raised = dataclasses.replace(
+        cfg, pretrained={"vae": ckpt}, generator_overrides={"sampling.min_mask_area": floor}
+    )
+    pairs = synthetic_pairs("vae", data, raised, tmp_path / "c")
+    assert len(pairs) == 8 and ((pairs[:, 1] > 0.5).sum((1, 2)) >= floor).all()
+    assert not (tmp_path / "c/vae/model").exists()  # sampled, not trained
+
+
 def test_run_is_resumable_and_reports(cohort, tmp_path: Path):
     data = split_cohort(cohort, seed=0, test_fraction=0.5)
     cfg = EfficacyConfig(methods=("traditional", "vae"), n_synthetic=(4, 8), seeds=(0, 1), **TINY)
@@ -127,6 +150,14 @@ def test_run_is_resumable_and_reports(cohort, tmp_path: Path):
     plot_report(report, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # the same folder reports on fewer methods (or runs more) without redoing any finished cell
+    fewer = EfficacyConfig(methods=("traditional",), n_synthetic=(4, 8), seeds=(0, 1), **TINY)
+    seen = []
+    subset = run_efficacy(data, fewer, tmp_path / "w", progress=seen.append)
+    assert subset["complete"] and subset["rows"] == [
+        r for r in report["rows"] if r["method"] in ("none", "traditional")
+    ]
+    assert seen[0].done == seen[0].total == len(cells(fewer))
     other = EfficacyConfig(methods=("traditional",), n_synthetic=(4,), seeds=(0,), **TINY)
     with pytest.raises(DHVAEError, match="other settings"):
         run_efficacy(data, other, tmp_path / "w")
@@ -143,11 +174,14 @@ def test_verdict_gain_and_seed_spread():
         s("dhvae", 10, 0.6, 0.01),
         s("dhvae", 20, 0.55, 0.01),
         s("vae", 10, 0.51, 0.02),
+        s("lsgan", 10, 0.4, 0.01),
     ]
     v = verdicts(summary)["step_matched"]
     assert v["none"] == 0.5
     assert v["methods"]["dhvae"]["best_n"] == 10 and math.isclose(v["methods"]["dhvae"]["gain"], 0.1)
     assert v["methods"]["dhvae"]["beyond_seed_spread"] is True
     assert v["methods"]["vae"]["beyond_seed_spread"] is False
+    assert v["methods"]["lsgan"]["beyond_seed_spread"] is True  # a loss beyond the spread: it harms
+    assert v["methods"]["lsgan"]["gain"] < 0
     report = build_report([], EfficacyConfig(seeds=(0,)), {}, {}, step_budget=1)
     assert report["rows"] == [] and not report["complete"]

@@ -81,6 +81,21 @@ def test_presets_shapes_and_parameter_counts():
         assert DHVAEConfig.from_dict(get_preset(name).to_dict()) == get_preset(name)
 
 
+def test_discriminator_learning_rate_follows_the_generator_unless_set():
+    """method.md: AdamW for the generator, "the discriminator likewise"."""
+    from models.train import _optimizers
+
+    for name in PRESETS:
+        t = get_preset(name).train
+        assert t.discriminator_lr == t.lr
+    raised = get_preset("small").replace(**{"train.lr": 2e-4})
+    assert raised.train.discriminator_lr == 2e-4
+    own = get_preset("tiny").replace(**{"train.disc_lr": 3e-5})
+    opts = _optimizers(build_model(own), own)
+    assert opts["generator"].param_groups[0]["lr"] == 1e-3
+    assert opts["discriminator"].param_groups[0]["lr"] == 3e-5
+
+
 def test_loss_decreases_on_tiny_data(tmp_path):
     torch.manual_seed(0)
     cfg = tiny(40, **{"loss.disc_start": 1000})

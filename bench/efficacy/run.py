@@ -60,9 +60,9 @@ GRIDS = {
     },
     # Every method of the issue on 2 CPU cores: the six methods, N = 500 only (there the two protocols
     # train the same U-Net, so a configuration costs one U-Net per seed), 3 seeds. Each learned generator
-    # trains the `small` preset for 2000 steps. Measured (bench/results/efficacy.json, 2-core
-    # AVX512-BF16 EPYC): 152 min in all; VAE 5 min, HVAE 27, LSGAN 9, dHVAE 61 (12 of them sharing the
-    # cores with a test run), then 21 U-Nets of ~1.7 min.
+    # trains the `small` preset for 2000 steps. Measured on 2-core AVX512-BF16 EPYCs: 81 min in all
+    # (bench/results/efficacy.json: VAE 3 min, HVAE 15, LSGAN 9, dHVAE 27, 21 U-Nets of ~1.2 min); 152 min
+    # on a machine half as fast (commit 7d3879b).
     "cpu-all": {
         **FULL,
         "n": [500],
