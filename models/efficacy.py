@@ -350,9 +350,9 @@ def run_efficacy(
     budget = step_matched_steps(len(data.real_train), cfg.n_max, cfg.segmenter)
     rows_path = work_dir / "rows.jsonl"
     rows = read_rows(rows_path)
-    wanted = {_key(c) for c in cells(cfg)}
-    done = {_key(r) for r in rows} & wanted  # rows of other methods stay in the file, uncounted
-    todo = [] if report_only else [c for c in cells(cfg) if _key(c) not in done and c["method"] not in failed]
+    grid = cells(cfg)
+    done = {_key(r) for r in rows} & {_key(c) for c in grid}  # other methods' rows stay, uncounted
+    todo = [] if report_only else [c for c in grid if _key(c) not in done and c["method"] not in failed]
     # One U-Net per (method, N, seed, steps): at the largest N both protocols train the very same one
     # (same slices, seed and step count), so the second protocol takes the first one's result.
     trained = {_run_key(r): r for r in rows if all(m in r for m in METRICS)}
