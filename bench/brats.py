@@ -27,12 +27,13 @@ def efficacy_data(cache_dir: Path):
     """The efficacy split of the shared cases (FLAIR): train + validation patients learn, test patients test."""
     import tempfile
 
-    from models import efficacy, pipeline
-    from models.cohort import CohortSpec
+    from efficacy import grid
+    from imaging.cohort import CohortSpec
+    from pipeline import pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         cohort = combined_cohort(["train", "validation", "test"], Path(tmp))
         ing = pipeline.ingest(cohort, cache_dir=cache_dir, spec=CohortSpec(channel="flair"))
-    return efficacy.split_cohort(
+    return grid.split_cohort(
         ing, train_ids=split_ids("train") + split_ids("validation"), test_ids=split_ids("test")
     )

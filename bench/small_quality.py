@@ -25,12 +25,13 @@ import numpy as np
 import torch
 
 from brats import DATA, REPO, combined_cohort
-from models import pipeline
-from models.checkpoint import build_model, model_from_checkpoint
-from models.cohort import CohortSpec
+from efficacy.segmenter import quality_metrics
+from imaging.cohort import CohortSpec
+from models.checkpoint import model_from_checkpoint
 from models.config import SamplingConfig
-from models.evaluation import quality_metrics
+from models.registry import build_model
 from models.sampler import Pair, sample_pairs
+from pipeline import pipeline
 
 
 def sample(model: torch.nn.Module, n: int, seed: int) -> tuple[np.ndarray, dict]:

@@ -44,11 +44,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from models import losses  # noqa: E402
-from models.checkpoint import build_model  # noqa: E402
 from models.config import DHVAEConfig, get_preset  # noqa: E402
 from models.dhvae import DHVAE, StepLosses, _randn_like  # noqa: E402
-from models.pipeline import attach_perceptual  # noqa: E402
-from models.train import autocast, bf16_native, step_generator  # noqa: E402
+from models.registry import build_model  # noqa: E402
+from models.rng import step_generator  # noqa: E402
+from models.train import autocast, bf16_native  # noqa: E402
+from pipeline.pipeline import attach_perceptual  # noqa: E402
 
 # The authors' figures on a 2-core machine (issue #2): seconds per step, peak GB; sampling pairs/s.
 AUTHORS = {

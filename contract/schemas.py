@@ -11,9 +11,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The names below are the wire format's copies of names the engine declares (models/config.py's
+# presets, models/registry.py's generators, efficacy/segmenter.py's U-Net widths and protocols):
+# this package imports nothing of ours, so tests/test_drift.py checks that the two agree.
 Preset = Literal["tiny", "small", "paper"]
-# The generator a training or augmentation fits: the dHVAE, or a baseline of the paper in the same
-# pipeline (models/dhvae.py variants, models/lsgan.py). "traditional" augmentation is CLI-only for now.
+# The generator a training or augmentation fits: the trained generators of models/registry.py.
+# "traditional" (nothing to train) is CLI-only for now.
 Generator = Literal["dhvae", "hvae", "vae", "lsgan"]
 ID_PATTERN = r"^[a-z]{3}_[0-9a-f]{32}$"
 SEED_MAX = 2**32 - 1
@@ -108,14 +111,9 @@ class AugmentationRequest(_Body):
     min_mask_area: int | None = Field(None, ge=0)
 
 
-Baseline = Literal["traditional", "vae", "hvae", "lsgan"]
+Baseline = Literal["traditional", "vae", "hvae", "lsgan"]  # every generator of the registry but dhvae
 Protocol = Literal["fixed_epochs", "step_matched"]
-# The downstream 2D U-Net's widths (MONAI UNet channels): "paper" is MONAI's usual 2D layout.
-UNET_WIDTHS: dict[str, list[int]] = {
-    "paper": [16, 32, 64, 128, 256],
-    "small": [8, 16, 32, 64, 128],
-    "tiny": [4, 8, 16],  # smoke tests
-}
+UnetWidths = Literal["paper", "small", "tiny"]
 
 
 class EvaluationRequest(_Body):
@@ -144,7 +142,7 @@ class EvaluationRequest(_Body):
     split_seed: int = Field(0, ge=0, le=SEED_MAX)
     protocols: list[Protocol] = Field(["fixed_epochs", "step_matched"], min_length=1)
     baselines: list[Baseline] = Field([], description="Other augmentations to compare in the same run.")
-    unet: Literal["paper", "small", "tiny"] = Field("paper", description="U-Net widths (UNET_WIDTHS).")
+    unet: UnetWidths = Field("paper", description="U-Net widths (UNET_WIDTHS).")
     unet_epochs: int = Field(40, ge=1, le=400, description="Epochs of the fixed_epochs protocol (paper: 40).")
 
     def seed_list(self) -> list[int]:
@@ -221,6 +219,8 @@ class ModelList(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- tasks
+# A task's payload is its request plus what the API resolved: the job, the tenant and the model id it
+# reserved. The request classes are the one definition of a job's parameters.
 class TaskPayload(_Body):
     """What every task message carries: the job it belongs to and whose it is."""
 
@@ -228,51 +228,20 @@ class TaskPayload(_Body):
     tenant: str
 
 
-class TrainTask(TaskPayload):
-    cohort_id: str
+class TrainTask(TaskPayload, TrainingRequest):
     model_id: str
-    model: Generator = "dhvae"
-    preset: Preset
-    steps: int
-    seed: int
-    base_model_id: str | None = None
 
 
-class GenerateTask(TaskPayload):
+class GenerateTask(TaskPayload, GenerationRequest):
+    pass
+
+
+class AugmentTask(TaskPayload, AugmentationRequest):
     model_id: str
-    n_pairs: int
-    seed: int
-    slices_per_volume: int = 1
-    min_mask_area: int | None = None
 
 
-class AugmentTask(TaskPayload):
-    cohort_id: str
-    model_id: str
-    n_pairs: int
-    model: Generator = "dhvae"
-    preset: Preset
-    steps: int
-    seed: int
-    base_model_id: str | None = None
-    slices_per_volume: int = 1
-    min_mask_area: int | None = None
-
-
-class EvaluateTask(TaskPayload):
-    cohort_id: str
-    model_id: str | None = None
-    model: Generator = "dhvae"
-    preset: Preset = "tiny"
-    steps: int = 300
-    n_pairs: list[int]
-    seeds: list[int]
-    test_fraction: float
-    split_seed: int = 0
-    protocols: list[Protocol]
-    baselines: list[Baseline] = Field(default_factory=list)
-    unet: Literal["paper", "small", "tiny"] = "paper"
-    unet_epochs: int = 40
+class EvaluateTask(TaskPayload, EvaluationRequest):
+    """``model`` is the generator to evaluate (the one of ``model_id`` when that is given)."""
 
 
 class ImportTask(TaskPayload):

@@ -7,5 +7,3 @@ GENERATE = "dhvae.generate"
 AUGMENT = "dhvae.augment"
 IMPORT_MODEL = "dhvae.import_model"
 EVALUATE = "dhvae.evaluate"
-
-ALL = (TRAIN, GENERATE, AUGMENT, IMPORT_MODEL, EVALUATE)

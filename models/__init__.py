@@ -1,7 +1,5 @@
-"""The dHVAE engine: cohort ingestion, the model, training, sampling and NIfTI export.
+"""The generators, in PyTorch (+ MONAI): the dHVAE and its baselines, one file per idea.
 
-Importing this package imports nothing heavy: the torch-free service uses ``models.cohort`` and
-``models.preprocess`` to validate uploads.
+``registry.py`` maps a generator's name to its class; ``train.py`` fits any of them, ``sampler.py``
+draws pairs from any of them, ``checkpoint.py`` stores and loads them (``weights_only=True``).
 """
-
-__version__ = "0.1.0"

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from imaging import __version__
+from imaging.errors import CheckpointError, DHVAEError
+
 from .config import DHVAEConfig
-from .errors import CheckpointError
+from .registry import build_model
 
 log = logging.getLogger(__name__)
 
@@ -81,23 +83,15 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return payload
 
 
-def build_model(config: DHVAEConfig) -> nn.Module:
-    """The network a config describes (the dHVAE family, or a baseline)."""
-    if config.model == "lsgan":
-        from .lsgan import LSGAN
-
-        return LSGAN(config)
-    from .dhvae import DHVAE
-
-    return DHVAE(config)
-
-
 def model_from_checkpoint(
     path: Path, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a checkpoint and load its weights strictly. Returns (model, payload)."""
     payload = load_checkpoint(path, map_location)
-    model = build_model(payload["config_obj"])
+    try:
+        model = build_model(payload["config_obj"])
+    except DHVAEError as e:
+        raise CheckpointError(f"{Path(path).name}: {e}") from e
     try:
         model.load_state_dict(payload["model"], strict=True)
     except RuntimeError as e:

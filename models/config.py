@@ -132,8 +132,7 @@ class SamplingConfig:
 class DHVAEConfig:
     """Everything that defines a trained model; stored inside every checkpoint."""
 
-    # "lsgan": the paper's GAN baseline (models/lsgan.py): the decoder as generator, the PatchGAN as critic.
-    model: Literal["dhvae", "hvae", "vae", "lsgan"] = "dhvae"
+    model: str = "dhvae"  # a trained generator of models/registry.py
     network: NetworkConfig = field(default_factory=NetworkConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     loss: LossConfig = field(default_factory=LossConfig)

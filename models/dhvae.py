@@ -50,7 +50,9 @@ class DHVAE(nn.Module):
 
     def __init__(self, cfg: DHVAEConfig):
         super().__init__()
-        if cfg.model not in ("dhvae", "hvae", "vae"):
+        from .registry import REGISTRY
+
+        if cfg.model not in REGISTRY or REGISTRY[cfg.model].model_class is not DHVAE:
             raise ValueError(f"DHVAE cannot build model {cfg.model!r}")
         self.cfg = cfg
         self.encoder = Encoder(cfg.network)

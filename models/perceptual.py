@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from models.errors import WeightsMissing
+from imaging.errors import WeightsMissing
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from imaging.errors import LowAcceptance
+
 from .config import SamplingConfig
-from .errors import LowAcceptance
-from .train import step_generator
+from .rng import step_generator
 
 
 @dataclass

@@ -19,17 +19,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from imaging.errors import CheckpointError, TrainingDiverged
+from imaging.progress import ProgressFn, Reporter, StopFn
+
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DHVAEConfig
-from .errors import CheckpointError, TrainingDiverged
-from .progress import ProgressFn, Reporter, StopFn
+from .rng import step_generator
 
 log = logging.getLogger(__name__)
-
-
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator for (seed, step, stream): independent of everything that ran before."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + stream) % (2**63))
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> Tensor:

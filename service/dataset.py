@@ -2,50 +2,29 @@
 and the preview grid.
 
 The engine writes every NIfTI under a temporary name and renames it when complete, so a file with its
-final name is whole. A pair (``labelsTr/X.nii.gz`` + ``imagesTr/X_0000.nii.gz``...) is sent once its
-label and an image exist; when the job has succeeded, everything else (``dataset.json``,
+final name is whole. A pair is sent once its label and its image are published
+(:func:`imaging.export.published_pairs`: the export module is the one that knows the layout); when the job has succeeded, everything else (``dataset.json``,
 ``manifest.json``) follows.
 """
 
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import anyio
 
 from contract.schemas import JobState
-from models.export import dataset_files
+from imaging.export import DATASET_JSON, MANIFEST_JSON, dataset_files, published_pairs
 from service.zipstream import ZipStream
 
-NIFTI = re.compile(r"^[^.][^/]*\.nii\.gz$")
-LAST_FILES = ("dataset.json", "manifest.json")
+LAST_FILES = (DATASET_JSON, MANIFEST_JSON)
 BLOCK = 512 * 1024
 
 
 class JobAborted(Exception):
     """The job failed or was cancelled while its dataset was being streamed."""
-
-
-def complete_pairs(out_dir: Path) -> list[tuple[str, list[str]]]:
-    """``[(case, [relative files])]`` for every case whose label and image(s) are on disk, sorted."""
-    labels, images = out_dir / "labelsTr", out_dir / "imagesTr"
-    if not labels.is_dir() or not images.is_dir():
-        return []
-    image_names = sorted(p.name for p in images.iterdir() if NIFTI.match(p.name))
-    by_case: dict[str, list[str]] = {}
-    for name in image_names:
-        case, _, _channel = name[: -len(".nii.gz")].rpartition("_")
-        by_case.setdefault(case, []).append(f"imagesTr/{name}")
-    pairs = []
-    for p in sorted(labels.iterdir()):
-        if NIFTI.match(p.name):
-            case = p.name[: -len(".nii.gz")]
-            if case in by_case:
-                pairs.append((case, [*by_case[case], f"labelsTr/{p.name}"]))
-    return pairs
 
 
 def remaining_files(out_dir: Path, sent: set[str]) -> list[str]:
@@ -86,7 +65,7 @@ async def stream_dataset(
         state = await anyio.to_thread.run_sync(job_state)
         if state in (JobState.failed, JobState.cancelled, None):
             raise JobAborted(f"job ended {state.value if state else 'unknown'} during the download")
-        pairs = await anyio.to_thread.run_sync(complete_pairs, out_dir)
+        pairs = await anyio.to_thread.run_sync(published_pairs, out_dir)
         new = [rel for _case, files in pairs for rel in files if rel not in sent]
         async for block in send(new):
             yield block
@@ -104,7 +83,7 @@ def preview_png(out_dir: Path, n: int, synthetic_only: bool = True) -> bytes | N
     import numpy as np
     from PIL import Image
 
-    pairs = [p for p in complete_pairs(out_dir) if not synthetic_only or p[0].startswith("synth")][:n]
+    pairs = [p for p in published_pairs(out_dir) if not synthetic_only or p[0].startswith("synth")][:n]
     if not pairs:
         return None
     tiles = []

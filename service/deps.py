@@ -21,9 +21,9 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from contract.celeryconf import celery_config
-from contract.jobs import JobStore
-from contract.storage import LocalStorage, check_tenant
+from runtime.celeryconf import celery_config
+from runtime.jobs import JobStore
+from runtime.storage import LocalStorage, check_tenant
 from service.errors import ApiError
 from service.idempotency import Idempotency
 from service.settings import Settings

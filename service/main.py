@@ -1,7 +1,7 @@
 """The FastAPI application factory: ``uvicorn service.main:create_app --factory``.
 
 Importing this module loads neither torch nor the engine's model code: uploads are validated with the
-torch-free ``models.cohort`` and jobs are enqueued by task name (``contract.tasks``).
+torch-free ``imaging.cohort`` and jobs are enqueued by task name (``contract.tasks``).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import logging
 
 from fastapi.responses import JSONResponse
 
+from contract.records import ModelRecord
 from contract.schemas import (
     AugmentationRequest,
     ErrorOut,
@@ -16,7 +17,7 @@ from contract.schemas import (
     TaskPayload,
     TrainingRequest,
 )
-from contract.storage import new_id
+from runtime.storage import new_id
 from service.deps import Context
 from service.errors import ApiError
 from service.lookups import check_max, create_model_record, require_cohort, require_model
@@ -95,25 +96,15 @@ def submit_model_job(
     if body.base_model_id:
         require_model(ctx, tenant, body.base_model_id)
     job_id, model_id = new_id("job"), new_id("mdl")
-    create_model_record(
-        ctx,
-        tenant,
-        model_id,
-        source="training",
-        job_id=job_id,
-        cohort_id=body.cohort_id,
-        base_model_id=body.base_model_id,
-        model=body.model,
-        preset=body.preset,
-        steps=body.steps,
-        seed=body.seed,
-    )
+    request = body.model_dump()
+    described = {k: v for k, v in request.items() if k in ModelRecord.model_fields}
+    create_model_record(ctx, tenant, model_id, source="training", job_id=job_id, **described)
     submit(
         ctx,
         task=task,
         kind=kind,
-        payload=payload_cls(job_id=job_id, tenant=tenant, model_id=model_id, **body.model_dump()),
-        request=body.model_dump(),
+        payload=payload_cls(job_id=job_id, tenant=tenant, model_id=model_id, **request),
+        request=request,
         progress=JobProgress(total=body.steps, unit="steps", stage="queued"),
         cohort_id=body.cohort_id,
         model_id=model_id,

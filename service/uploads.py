@@ -8,8 +8,9 @@ from pathlib import Path
 
 from fastapi import Request
 
-from contract.jobs import now_iso
-from contract.storage import LocalStorage
+from contract.records import CohortRecord
+from runtime.jobs import now_iso
+from runtime.storage import LocalStorage
 from service.archive import ArchiveError, ArchiveLimits, extract_zip
 from service.errors import ApiError
 from service.settings import Settings
@@ -51,7 +52,7 @@ def limits(settings: Settings) -> ArchiveLimits:
 
 def ingest_cohort(
     storage: LocalStorage, settings: Settings, tenant: str, cohort_id: str, zip_path: Path
-) -> dict:
+) -> CohortRecord:
     """Extract, validate and store a cohort; return its record. Leaves nothing behind on error.
 
     Everything happens in the upload's staging folder, which is renamed into place only once the
@@ -70,8 +71,10 @@ def ingest_cohort(
         zip_path.unlink()
         summary = validate_cohort(files, cache)
         storage.commit(tenant, "cohorts", cohort_id, staging)
-        record = {"id": cohort_id, "root": "files", "size_bytes": size, "created_at": now_iso(), **summary}
-        storage.write_record(tenant, "cohorts", cohort_id, record)  # the cohort is visible from here on
+        record = CohortRecord.model_validate(
+            {**summary, "id": cohort_id, "root": files.name, "size_bytes": size, "created_at": now_iso()}
+        )
+        storage.write(tenant, record)  # the cohort is visible from here on
         return record
     except BaseException:
         shutil.rmtree(storage.path(tenant, "cohorts", cohort_id), ignore_errors=True)
@@ -80,10 +83,10 @@ def ingest_cohort(
 
 
 def validate_cohort(root: Path, cache_dir: Path) -> dict:
-    """The engine's header and voxel validation (torch-free ``models.ingest``, the step every training
+    """The engine's header and voxel validation (torch-free ``imaging.ingest``, the step every training
     starts with; its cache is keyed by file contents, so the worker reuses it); 422 with every problem."""
-    from models.errors import CohortError
-    from models.ingest import ingest
+    from imaging.errors import CohortError
+    from imaging.ingest import ingest
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import logging
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
-from contract.celeryconf import celery_config
+from runtime.celeryconf import celery_config
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import time
 
 from celery import Celery
 
-from contract.jobs import JobStore
+from runtime.jobs import JobStore
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)

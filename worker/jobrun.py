@@ -24,9 +24,9 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from contract.jobs import JobStore, job_key, lease_key, now_iso
 from contract.schemas import TERMINAL_STATES, JobError, JobProgress, JobState, ProblemOut
-from contract.storage import LocalStorage
+from runtime.jobs import JobStore, job_key, lease_key, now_iso
+from runtime.storage import LocalStorage
 from worker.settings import WorkerSettings, get_settings
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def run_job(
     ``body`` returns extra record fields (or None); ``cleanup`` removes partial outputs of a job that
     failed or was cancelled, so nothing half-written stays visible.
     """
-    from models.errors import Cancelled, CohortError, DHVAEError
+    from imaging.errors import Cancelled, CohortError, DHVAEError
 
     settings = get_settings()
     jobs = job_store()

@@ -6,7 +6,7 @@ from functools import lru_cache
 
 from pydantic import Field
 
-from contract.settings import CommonSettings
+from runtime.settings import CommonSettings
 
 
 class WorkerSettings(CommonSettings):

@@ -1,4 +1,4 @@
-"""The Celery tasks: parse the request, call one function of ``models.pipeline``, store the result.
+"""The Celery tasks: parse the request, call one function of ``pipeline.pipeline``, store the result.
 
 Each task is registered under the explicit name the API sends (``contract.tasks``). torch and the
 engine are imported inside the task bodies, i.e. in the pool's child process, never at import time.
@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 from contract import tasks as names
+from contract.records import CohortRecord, ModelRecord
 from contract.schemas import (
-    UNET_WIDTHS,
     AugmentTask,
     EvaluateTask,
     GenerateTask,
@@ -34,7 +34,7 @@ WEIGHT_FILES = ("model.pt", "last.pt")
 
 def _engine():
     """The engine, imported lazily in the pool's child process (torch's thread count set there)."""
-    from models import pipeline
+    from pipeline import pipeline
 
     threads = get_settings().torch_threads
     if threads:
@@ -46,28 +46,22 @@ def _engine():
 
 # ---------------------------------------------------------------------------------------------- records
 def _cohort_dir(ctx: JobContext, cohort_id: str) -> Path:
-    record = ctx.storage.read_record(ctx.tenant, "cohorts", cohort_id)
+    record = ctx.storage.read(ctx.tenant, CohortRecord, cohort_id)
     if record is None:
-        from models.errors import CohortError, Problem
+        from imaging.errors import CohortError, Problem
 
         raise CohortError([Problem(cohort_id, "the cohort was deleted")])
-    return ctx.storage.path(ctx.tenant, "cohorts", cohort_id) / record.get("root", "files")
+    return ctx.storage.cohort_files(ctx.tenant, record)
 
 
 def _model_checkpoint(ctx: JobContext, model_id: str) -> Path:
-    from models.errors import CheckpointError
+    from imaging.errors import CheckpointError
 
-    record = ctx.storage.read_record(ctx.tenant, "models", model_id)
+    record = ctx.storage.read(ctx.tenant, ModelRecord, model_id)
     path = ctx.storage.path(ctx.tenant, "models", model_id) / "model.pt"
-    if record is None or record.get("status") != ModelStatus.ready.value or not path.is_file():
+    if record is None or record.status != ModelStatus.ready or not path.is_file():
         raise CheckpointError(f"model {model_id} is not available")
     return path
-
-
-def _update_model(ctx: JobContext, model_id: str, **fields: object) -> None:
-    record = ctx.storage.read_record(ctx.tenant, "models", model_id) or {"id": model_id}
-    record.update(fields)
-    ctx.storage.write_record(ctx.tenant, "models", model_id, record)
 
 
 def _model_ready(ctx: JobContext, model_id: str) -> None:
@@ -75,10 +69,10 @@ def _model_ready(ctx: JobContext, model_id: str) -> None:
     meta = {}
     if (model_dir / "model.json").is_file():
         meta = json.loads((model_dir / "model.json").read_text())
-    _update_model(
-        ctx,
+    ctx.storage.update_model(
+        ctx.tenant,
         model_id,
-        status=ModelStatus.ready.value,
+        status=ModelStatus.ready,
         config=meta.get("config", {}),
         summary=meta.get("summary", meta.get("training", {})),
     )
@@ -91,15 +85,18 @@ def _model_ended(ctx: JobContext, model_id: str, state: JobState) -> None:
     for name in WEIGHT_FILES:
         (model_dir / name).unlink(missing_ok=True)
     status = ModelStatus.cancelled if state == JobState.cancelled else ModelStatus.failed
-    _update_model(ctx, model_id, status=status.value)
+    ctx.storage.update_model(ctx.tenant, model_id, status=status)
 
 
 def _remove_output(ctx: JobContext) -> None:
     ctx.storage.remove_tree(ctx.tenant, ctx.storage.path(ctx.tenant, "outputs", ctx.job_id))
 
 
-def _base_checkpoint(ctx: JobContext, base_model_id: str | None) -> Path | None:
-    return _model_checkpoint(ctx, base_model_id) if base_model_id else None
+def _train_spec(ctx: JobContext, req: TrainTask | AugmentTask):
+    """The request's training fields, with its base model resolved to a checkpoint of this tenant's."""
+    pipeline = _engine()
+    base = _model_checkpoint(ctx, req.base_model_id) if req.base_model_id else None
+    return pipeline.spec_from(pipeline.TrainSpec, req.model_dump(), base_checkpoint=base)
 
 
 # ---------------------------------------------------------------------------------------------- tasks
@@ -111,13 +108,9 @@ def train(payload: dict) -> None:
         pipeline = _engine()
         pipeline.train(
             _cohort_dir(ctx, req.cohort_id),
+            _train_spec(ctx, req),
             model_dir=ctx.storage.path(ctx.tenant, "models", req.model_id),
-            preset=req.preset,
-            steps=req.steps,
-            seed=req.seed,
-            base_checkpoint=_base_checkpoint(ctx, req.base_model_id),
             cache_dir=ctx.storage.cache_dir(ctx.tenant, req.cohort_id),
-            overrides={"model": req.model},
             progress=ctx.progress,
             should_stop=ctx.should_stop,
         )
@@ -136,11 +129,8 @@ def generate(payload: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         pipeline.generate(
             _model_checkpoint(ctx, req.model_id),
+            pipeline.spec_from(pipeline.SampleSpec, req.model_dump()),
             out_dir=out_dir,
-            n_pairs=req.n_pairs,
-            seed=req.seed,
-            slices_per_volume=req.slices_per_volume,
-            min_mask_area=req.min_mask_area,
             progress=ctx.progress,
             should_stop=ctx.should_stop,
         )
@@ -158,17 +148,11 @@ def augment(payload: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         pipeline.augment(
             _cohort_dir(ctx, req.cohort_id),
+            _train_spec(ctx, req),
+            pipeline.spec_from(pipeline.SampleSpec, req.model_dump()),
             out_dir=out_dir,
             model_dir=ctx.storage.path(ctx.tenant, "models", req.model_id),
-            preset=req.preset,
-            steps=req.steps,
-            seed=req.seed,
-            n_pairs=req.n_pairs,
-            base_checkpoint=_base_checkpoint(ctx, req.base_model_id),
             cache_dir=ctx.storage.cache_dir(ctx.tenant, req.cohort_id),
-            slices_per_volume=req.slices_per_volume,
-            min_mask_area=req.min_mask_area,
-            model=req.model,
             progress=ctx.progress,
             should_stop=ctx.should_stop,
         )
@@ -189,34 +173,32 @@ def evaluate(payload: dict) -> None:
 
     def body(ctx: JobContext) -> None:
         pipeline = _engine()
-        from models import efficacy
-        from models.export import write_json_atomic
+        from efficacy import grid
+        from efficacy.segmenter import UNET_WIDTHS, segmenter_config
 
-        out_dir = ctx.storage.path(ctx.tenant, "outputs", req.job_id)
         ing = pipeline.ingest(
             _cohort_dir(ctx, req.cohort_id),
             cache_dir=ctx.storage.cache_dir(ctx.tenant, req.cohort_id),
             progress=ctx.progress,
         )
-        data = efficacy.split_cohort(ing, seed=req.split_seed, test_fraction=req.test_fraction)
-        cfg = efficacy.EfficacyConfig(
+        cfg = grid.EfficacyConfig(
             methods=tuple(dict.fromkeys((req.model, *req.baselines))),
-            n_synthetic=tuple(req.n_pairs),
-            seeds=tuple(req.seeds),
-            protocols=tuple(req.protocols),
+            n_synthetic=tuple(sorted(set(req.n_pairs))),
+            seeds=tuple(req.seed_list()),
+            protocols=tuple(dict.fromkeys(req.protocols)),
             preset=req.preset,
             generator_steps=req.steps,
             pretrained={req.model: str(_model_checkpoint(ctx, req.model_id))} if req.model_id else {},
-            segmenter=efficacy.segmenter_config(channels=UNET_WIDTHS[req.unet], epochs=req.unet_epochs),
+            segmenter=segmenter_config(channels=UNET_WIDTHS[req.unet], epochs=req.unet_epochs),
         )
-        device = pipeline.default_device()
-        report = efficacy.run_efficacy(
-            data, cfg, out_dir / "work", progress=ctx.progress, should_stop=ctx.should_stop, device=device
+        grid.evaluate_cohort(
+            grid.split_cohort(ing, seed=req.split_seed, test_fraction=req.test_fraction),
+            cfg,
+            ctx.storage.path(ctx.tenant, "outputs", req.job_id),
+            details={"cohort_id": req.cohort_id, "model_id": req.model_id},
+            progress=ctx.progress,
+            should_stop=ctx.should_stop,
         )
-        report["cohort_id"], report["model_id"] = req.cohort_id, req.model_id
-        efficacy.plot_report(report, out_dir / "report.png")
-        (out_dir / "report.md").write_text(efficacy.report_markdown(report, title="Does augmentation help?"))
-        write_json_atomic(out_dir / "report.json", efficacy.json_safe(report))
 
     run_job(req.job_id, req.tenant, body, lambda ctx, state: _remove_output(ctx))
 
@@ -244,10 +226,10 @@ def import_model(payload: dict) -> None:
         else:  # redelivered after the move
             info = validate_checkpoint(weights)
         config = info.pop("config", {})
-        _update_model(
-            ctx,
+        ctx.storage.update_model(
+            ctx.tenant,
             req.model_id,
-            status=ModelStatus.ready.value,
+            status=ModelStatus.ready,
             config=config,
             summary=info,
             model=info.get("model"),

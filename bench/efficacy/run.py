@@ -17,26 +17,26 @@ A killed run started again with the same arguments continues (work folder: runs/
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared-data helpers
 from brats import REPO, efficacy_data  # noqa: E402
-from contract.schemas import UNET_WIDTHS  # noqa: E402
-from models import efficacy, pipeline  # noqa: E402
-from models.cli import parse_overrides  # noqa: E402
+from efficacy.grid import METHODS, EfficacyConfig, evaluate_cohort  # noqa: E402
+from efficacy.segmenter import UNET_WIDTHS, segmenter_config  # noqa: E402
+from models.registry import TRAINED  # noqa: E402
+from pipeline import pipeline  # noqa: E402
+from pipeline.cli import parse_overrides  # noqa: E402
 
 # The grid: every method, N up to 2000, 5 seeds, the paper's U-Net and 40 epochs.
 FULL = dict(
-    methods=efficacy.METHODS,
+    methods=METHODS,
     n=[250, 500, 1000, 2000],
     seeds=5,
     preset="small",
@@ -82,7 +82,7 @@ def log_progress(p) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", choices=sorted(GRIDS), default="cpu")
-    ap.add_argument("--methods", nargs="+", choices=efficacy.METHODS)
+    ap.add_argument("--methods", nargs="+", choices=METHODS)
     ap.add_argument("--n", nargs="+", type=int, help="synthetic pairs to add (N > 0)")
     ap.add_argument("--seeds", type=int, help="U-Net seeds 0..n-1")
     ap.add_argument("--preset", choices=["tiny", "small", "paper"])
@@ -111,7 +111,7 @@ def main() -> None:
 
     overrides = parse_overrides(args.set)
     pretrained = {}
-    learned = [m for m in efficacy.GENERATORS if m != "traditional"]  # the ones with a checkpoint
+    learned = TRAINED  # the ones with a checkpoint
     for item in args.pretrained:
         method, sep, path = item.partition("=")
         if not sep or method not in learned or not Path(path).is_file():
@@ -120,7 +120,7 @@ def main() -> None:
                 f"{learned} and an existing file"
             )
         pretrained[method] = str(Path(path).resolve())
-    cfg = efficacy.EfficacyConfig(
+    cfg = EfficacyConfig(
         methods=tuple(g["methods"]),
         n_synthetic=tuple(g["n"]),
         seeds=tuple(range(g["seeds"])),
@@ -129,39 +129,34 @@ def main() -> None:
         generator_steps=g["steps"],
         generator_overrides=overrides,
         pretrained=pretrained,
-        segmenter=efficacy.segmenter_config(channels=UNET_WIDTHS[g["unet"]], epochs=g["epochs"], lr=g["lr"]),
+        segmenter=segmenter_config(channels=UNET_WIDTHS[g["unet"]], epochs=g["epochs"], lr=g["lr"]),
     )
     device = pipeline.default_device()
-    t0 = time.perf_counter()
-    report = efficacy.run_efficacy(
+    details = {
+        "command": " ".join([".venv/bin/python bench/efficacy/run.py", *map(shlex.quote, sys.argv[1:])]),
+        "grid": args.grid,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "machine": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+    evaluate_cohort(
         efficacy_data(work / "cache"),
         cfg,
-        work,
-        device=device,
+        args.out,
+        work_dir=work,
+        stem=name,
+        title=f"Efficacy on BraTS ({args.grid} grid, {details['device']})",
+        paper=True,
+        details=details,
         progress=log_progress,
+        device=device,
         report_only=args.report_only,
     )
-    report["command"] = " ".join([".venv/bin/python bench/efficacy/run.py", *map(shlex.quote, sys.argv[1:])])
-    report["grid"] = args.grid
-    report["device"] = (
-        torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    )
-    report["machine"] = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-    }
-    report["wall_minutes_this_invocation"] = round((time.perf_counter() - t0) / 60, 1)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    efficacy.plot_report(report, args.out / f"{name}.png")
-    md = efficacy.report_markdown(
-        report, paper=True, title=f"Efficacy on BraTS ({args.grid} grid, {report['device']})"
-    )
-    md += f"\nCommand: `{report['command']}`. Plot: `{name}.png`. Raw rows: `{name}.json`.\n"
-    (args.out / f"{name}.md").write_text(md)
-    (args.out / f"{name}.json").write_text(json.dumps(efficacy.json_safe(report), indent=1) + "\n")
-    print(md)
+    print((args.out / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":

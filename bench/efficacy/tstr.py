@@ -27,24 +27,26 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared-data helpers
 from brats import REPO, efficacy_data  # noqa: E402
-from models import efficacy  # noqa: E402
-from models.evaluation import run_downstream, summarize  # noqa: E402
+from efficacy.grid import read_rows  # noqa: E402
+from efficacy.report import METRICS, json_safe, summarize  # noqa: E402
+from efficacy.segmenter import run_downstream, segmenter_config, step_matched_steps  # noqa: E402
+from models.registry import GENERATORS  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=REPO / "runs/efficacy", help="an efficacy run's work folder")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", choices=efficacy.GENERATORS, default=efficacy.GENERATORS)
+    ap.add_argument("--methods", nargs="+", choices=GENERATORS, default=GENERATORS)
     ap.add_argument("--steps", type=int, help="U-Net steps (default: the run's step_matched budget)")
     ap.add_argument("--out", type=Path, default=REPO / "bench/results")
     args = ap.parse_args()
     settings = json.loads((args.work / "settings.json").read_text())
-    cfg = efficacy.segmenter_config(**settings["config"]["segmenter"])  # the run's U-Net, field by field
+    cfg = segmenter_config(**settings["config"]["segmenter"])  # the run's U-Net, field by field
     data = efficacy_data(args.work / "cache")
     if data.summary() != settings["data"]:
         sys.exit(f"{args.work}: the shared data no longer match the run's split")
-    steps = args.steps or efficacy.step_matched_steps(
+    steps = args.steps or step_matched_steps(
         len(data.real_train), max(settings["config"]["n_synthetic"]), cfg
     )
     sources = {"real": data.real_train}
@@ -57,7 +59,7 @@ def main() -> None:
     # row: the same slices, seed, steps and settings, so it is read back, not trained again.
     real_rows = {
         r["seed"]: r
-        for r in efficacy.read_rows(args.work / "rows.jsonl")
+        for r in read_rows(args.work / "rows.jsonl")
         if r["method"] == "none" and r["protocol"] == "step_matched" and r["steps"] == steps
     }
     rows = []
@@ -78,7 +80,7 @@ def main() -> None:
                     "n_pairs": len(pairs),
                     "seed": seed,
                     "steps": r["steps"],
-                    **{k: r[k] for k in efficacy.METRICS},
+                    **{k: r[k] for k in METRICS},
                     "seconds": None if reused else round(time.perf_counter() - t0, 1),
                     "from": "the efficacy run's rows.jsonl (none, step_matched)"
                     if reused
@@ -95,13 +97,13 @@ def main() -> None:
     result = {
         "command": cmd,
         "data": data.summary(),
-        "segmenter": efficacy.json_safe(asdict(cfg)),
+        "segmenter": json_safe(asdict(cfg)),
         "steps": steps,
         "summary": summary,
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "efficacy_tstr.json").write_text(json.dumps(efficacy.json_safe(result), indent=1) + "\n")
+    (args.out / "efficacy_tstr.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
     lines = [
         "# Train on synthetic, test on real (BraTS test patients)",
         "",

@@ -20,9 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared-data helpers
 from brats import REPO, efficacy_data  # noqa: E402
-from contract.schemas import UNET_WIDTHS  # noqa: E402
-from models import efficacy  # noqa: E402
-from models.evaluation import run_downstream  # noqa: E402
+from efficacy.report import json_safe  # noqa: E402
+from efficacy.segmenter import UNET_WIDTHS, run_downstream, segmenter_config  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
     rows = []
     grid = [(lr, m, steps) for lr in args.lr for m in args.momentum for steps in args.steps]
     for lr, momentum, steps in grid:
-        cfg = efficacy.segmenter_config(channels=UNET_WIDTHS[args.unet], lr=lr, momentum=momentum)
+        cfg = segmenter_config(channels=UNET_WIDTHS[args.unet], lr=lr, momentum=momentum)
         t0 = time.perf_counter()
         r = run_downstream(
             data.real_train,
@@ -64,7 +63,7 @@ def main() -> None:
     result = {
         "command": " ".join([".venv/bin/python bench/efficacy/unet_steps.py", *sys.argv[1:]]),
         "data": data.summary(),
-        "segmenter": efficacy.json_safe(asdict(efficacy.segmenter_config(channels=UNET_WIDTHS[args.unet]))),
+        "segmenter": json_safe(asdict(segmenter_config(channels=UNET_WIDTHS[args.unet]))),
         "rows": rows,
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n")

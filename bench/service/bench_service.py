@@ -37,7 +37,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from contract.jobs import job_key  # noqa: E402
+from runtime.jobs import job_key  # noqa: E402
 from tests.service.procs import RedisServer, pool_child_pids, service_env, start_api, start_worker  # noqa: E402
 
 SHARED_TRAIN = ROOT.parent / "shared" / "data" / "brats2015-deepmedic" / "train"
@@ -49,7 +49,7 @@ def cohort_zip(path: Path) -> str:
     if SHARED_TRAIN.is_dir():
         src, name = SHARED_TRAIN, "brats2015-deepmedic/train (all files)"
     else:
-        from models.phantoms import make_phantom_cohort
+        from imaging.phantoms import make_phantom_cohort
 
         src, name = make_phantom_cohort(path.parent / "phantom", n_cases=4), "phantom cohort (4 cases)"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:

@@ -8,10 +8,12 @@ import anyio
 from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 
+from contract.records import CohortRecord
 from contract.schemas import ID_PATTERN, TERMINAL_STATES, CohortList, CohortOut, ErrorOut, JobState
-from contract.storage import new_id
+from runtime.storage import new_id
 from service.deps import Ctx, Tenant
 from service.errors import ApiError, not_found
+from service.lookups import require_cohort
 from service.uploads import ZIP_TYPES, ingest_cohort, stream_to_file
 
 router = APIRouter(prefix="/v1/cohorts", tags=["cohorts"])
@@ -28,8 +30,8 @@ ERRORS = {
 }
 
 
-def cohort_out(record: dict) -> CohortOut:
-    return CohortOut.model_validate(record)
+def cohort_out(record: CohortRecord) -> CohortOut:
+    return CohortOut.model_validate(record.model_dump())
 
 
 @router.post(
@@ -79,16 +81,13 @@ async def upload_cohort(
 
 @router.get("", response_model=CohortList)
 def list_cohorts(ctx: Ctx, tenant: Tenant) -> CohortList:
-    records = (ctx.storage.read_record(tenant, "cohorts", i) for i in ctx.storage.list_ids(tenant, "cohorts"))
+    records = (ctx.storage.read(tenant, CohortRecord, i) for i in ctx.storage.list_ids(tenant, "cohorts"))
     return CohortList(items=[cohort_out(r) for r in records if r])
 
 
 @router.get("/{cohort_id}", response_model=CohortOut, responses={404: {"model": ErrorOut}})
 def get_cohort(cohort_id: CohortId, ctx: Ctx, tenant: Tenant) -> CohortOut:
-    record = ctx.storage.read_record(tenant, "cohorts", cohort_id)
-    if record is None:
-        raise not_found("cohort", cohort_id)
-    return cohort_out(record)
+    return cohort_out(require_cohort(ctx, tenant, cohort_id))
 
 
 @router.delete(

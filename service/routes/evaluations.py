@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from contract import tasks
 from contract.schemas import EvaluateTask, EvaluationRequest, JobAccepted, JobKind, JobProgress
-from contract.storage import new_id
+from runtime.storage import new_id
 from service.deps import Ctx, Tenant
 from service.errors import ApiError
 from service.idempotency import fingerprint
@@ -38,13 +38,13 @@ def create_evaluation(
         generator = body.model
         if body.model_id:
             model = require_model(ctx, tenant, body.model_id)
-            if model.get("cohort_id") == body.cohort_id:
+            if model.cohort_id == body.cohort_id:
                 raise ApiError(
                     409,
                     f"model {body.model_id} was trained on cohort {body.cohort_id}: its test patients would "
                     "have reached the generator. Omit model_id to fit one on the training patients only.",
                 )
-            generator = model.get("model") or "dhvae"
+            generator = model.model or "dhvae"
         else:
             check_max(body.steps, ctx.settings.max_steps, "steps")
         job_id = new_id("job")

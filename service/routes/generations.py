@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from contract import tasks
 from contract.schemas import GenerateTask, GenerationRequest, JobAccepted, JobKind, JobProgress
-from contract.storage import new_id
+from runtime.storage import new_id
 from service.deps import Ctx, Tenant
 from service.idempotency import fingerprint
 from service.lookups import check_max, require_model
@@ -39,7 +39,7 @@ def create_generation(
             payload=payload,
             request=body.model_dump(),
             progress=JobProgress(total=body.n_pairs, unit="pairs", stage="queued"),
-            cohort_id=model.get("cohort_id"),
+            cohort_id=model.cohort_id,
             model_id=body.model_id,
         )
         return accepted(job_id, JobKind.generation)

@@ -11,8 +11,8 @@ from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from contract.jobs import aget, decode, events_key, to_out
 from contract.schemas import ID_PATTERN, TERMINAL_STATES, ErrorOut, JobKind, JobList, JobOut, JobState
+from runtime.jobs import aget, decode, events_key, to_out
 from service.dataset import preview_png, stream_dataset
 from service.deps import Context, Ctx, Tenant
 from service.errors import ApiError, not_found

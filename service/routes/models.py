@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from contract import tasks
-from contract.jobs import aget, to_out
+from contract.records import ModelRecord
 from contract.schemas import (
     ID_PATTERN,
     ErrorOut,
@@ -21,7 +21,8 @@ from contract.schemas import (
     ModelList,
     ModelOut,
 )
-from contract.storage import new_id
+from runtime.jobs import aget, to_out
+from runtime.storage import new_id
 from service.deps import Ctx, Tenant
 from service.errors import ApiError, error_body
 from service.lookups import create_model_record, require_model
@@ -35,13 +36,13 @@ TORCH_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format is a zip archive
 
 @router.get("", response_model=ModelList)
 def list_models(ctx: Ctx, tenant: Tenant) -> ModelList:
-    records = (ctx.storage.read_record(tenant, "models", i) for i in ctx.storage.list_ids(tenant, "models"))
-    return ModelList(items=[ModelOut.model_validate(r) for r in records if r])
+    records = (ctx.storage.read(tenant, ModelRecord, i) for i in ctx.storage.list_ids(tenant, "models"))
+    return ModelList(items=[ModelOut.model_validate(r.model_dump()) for r in records if r])
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses={404: {"model": ErrorOut}})
 def get_model(model_id: ModelId, ctx: Ctx, tenant: Tenant) -> ModelOut:
-    return ModelOut.model_validate(require_model(ctx, tenant, model_id, ready=False))
+    return ModelOut.model_validate(require_model(ctx, tenant, model_id, ready=False).model_dump())
 
 
 @router.post(
@@ -122,7 +123,7 @@ async def _wait_for_import(ctx: Ctx, tenant: str, job_id: str, model_id: str) ->
             if state == JobState.succeeded:
                 model = require_model(ctx, tenant, model_id)
                 return JSONResponse(
-                    ModelOut.model_validate(model).model_dump(mode="json"),
+                    ModelOut.model_validate(model.model_dump()).model_dump(mode="json"),
                     status_code=201,
                     headers={"Location": f"/v1/models/{model_id}"},
                 )

@@ -73,7 +73,7 @@ def zip_dir(folder: Path, *, prefix: str = "", compression: int = zipfile.ZIP_ST
 
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
-    from models.phantoms import make_phantom_cohort
+    from imaging.phantoms import make_phantom_cohort
 
     return make_phantom_cohort(tmp_path_factory.mktemp("phantom") / "cohort", n_cases=2, shape=(48, 48, 16))
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import redis
 
-from contract.jobs import JobStore
+from contract.records import ModelRecord
 from contract.schemas import JobProgress, JobState
+from runtime.jobs import JobStore
 from tests.service import zips
 from tests.service.conftest import A, B, zip_dir
 
@@ -306,11 +307,9 @@ def generation_job(client, app, settings):
     """A generation job whose 'worker' is this test: a ready model record, the job set running."""
     ctx = app.state.ctx
     model_id = "mdl_" + "1" * 32
-    ctx.storage.write_record(
+    ctx.storage.write(
         "tenant-a",
-        "models",
-        model_id,
-        {"id": model_id, "status": "ready", "source": "import", "created_at": "2026-01-01T00:00:00Z"},
+        ModelRecord(id=model_id, status="ready", source="import", created_at="2026-01-01T00:00:00Z"),
     )
     r = client.post("/v1/generations", json={"model_id": model_id, "n_pairs": 3, "seed": 0}, headers=A)
     assert r.status_code == 202, r.text

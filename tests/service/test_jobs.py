@@ -7,8 +7,8 @@ import time
 import pytest
 import redis
 
-from contract.jobs import JobStore, decode, events_key, job_key
 from contract.schemas import JobKind, JobProgress, JobState
+from runtime.jobs import JobStore, decode, events_key, job_key
 
 
 @pytest.fixture

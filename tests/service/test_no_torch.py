@@ -11,8 +11,8 @@ import service.main
 from service.main import create_app
 from service.settings import Settings
 app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", api_keys="a:b"))
-import service.uploads, models.cohort, models.preprocess, models.errors  # what validation loads
-heavy = sorted(m for m in ("torch", "monai", "worker", "models.pipeline") if m in sys.modules)
+import service.uploads, imaging.cohort, imaging.preprocess, imaging.errors  # what validation loads
+heavy = sorted(m for m in ("torch", "monai", "worker", "pipeline.pipeline") if m in sys.modules)
 print(",".join(heavy))
 """
 

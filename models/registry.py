@@ -1,0 +1,73 @@
+"""Every generator by name: the one list the CLI, the pipeline, the service's contract and the efficacy
+grid select from (``contract.schemas.Generator`` / ``Baseline`` are checked against it by a test).
+
+=============  ==============================================================  =========================
+name           what it is                                                      class
+=============  ==============================================================  =========================
+traditional    flips and rotations of the real slices; nothing is trained      (``models.traditional``)
+vae            the paper's VAE baseline: no flow, analytic KL                  :class:`models.dhvae.DHVAE`
+hvae           the paper's HVAE baseline: the flow, no discriminative term     :class:`models.dhvae.DHVAE`
+lsgan          the paper's GAN baseline: decoder as generator, PatchGAN critic :class:`models.lsgan.LSGAN`
+dhvae          the paper's method (the default)                                :class:`models.dhvae.DHVAE`
+=============  ==============================================================  =========================
+
+A generator with a class is trained by :func:`models.train.fit` on a preset of ``models/config.py``
+(``config.model`` is its name) and sampled by :func:`models.sampler.sample_pairs`; one without draws
+its pairs from the real slices directly. The order is the reports' order (baselines first).
+To add a generator: a class with the interface of :class:`models.train.Trainable`, one entry here, and
+its name in ``contract/schemas.py``'s ``Generator`` (the drift test says so if you forget).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from imaging.errors import DHVAEError
+
+from .config import DHVAEConfig
+from .dhvae import DHVAE
+from .lsgan import LSGAN
+
+
+@dataclass(frozen=True)
+class GeneratorEntry:
+    name: str
+    description: str
+    model_class: type[nn.Module] | None  # None: nothing to train (pairs come from the real slices)
+
+    @property
+    def trained(self) -> bool:
+        return self.model_class is not None
+
+
+REGISTRY: dict[str, GeneratorEntry] = {
+    e.name: e
+    for e in (
+        GeneratorEntry("traditional", "flips and rotations of the real slices", None),
+        GeneratorEntry("vae", "VAE baseline (no flow)", DHVAE),
+        GeneratorEntry("hvae", "HVAE baseline (no discriminative regulariser)", DHVAE),
+        GeneratorEntry("lsgan", "least-squares GAN baseline", LSGAN),
+        GeneratorEntry("dhvae", "discriminative Hamiltonian VAE (the paper's method)", DHVAE),
+    )
+}
+GENERATORS: tuple[str, ...] = tuple(REGISTRY)
+TRAINED: tuple[str, ...] = tuple(name for name, e in REGISTRY.items() if e.trained)
+DEFAULT = "dhvae"
+
+
+def get_generator(name: str) -> GeneratorEntry:
+    """The entry of ``name``; a DHVAEError naming the choices if there is none."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise DHVAEError(f"unknown generator {name!r}; choose one of {', '.join(GENERATORS)}") from None
+
+
+def build_model(config: DHVAEConfig) -> nn.Module:
+    """The network a config describes (``config.model`` names a trained generator)."""
+    entry = get_generator(config.model)
+    if entry.model_class is None:
+        raise DHVAEError(f"generator {config.model!r} has no network to build: nothing is trained")
+    return entry.model_class(config)

@@ -1,0 +1,1 @@
+"""ingest -> train -> generate -> augment (``pipeline.py``), and the ``dhvae`` command line (``cli.py``)."""
