@@ -19,17 +19,18 @@ WORKDIR /app
 # ---------------------------------------------------------------------------------------------- api
 FROM base AS api-deps
 COPY requirements.lock ./
-# everything pinned in the lock but the deep-learning stack
+# everything pinned in the runtime lock but the deep-learning stack (the dev tools have their own lock)
 RUN grep -v -E '^(torch|monai|triton|nvidia-)' requirements.lock > requirements-api.txt \
  && pip install -r requirements-api.txt
 
 FROM api-deps AS api
 COPY pyproject.toml ./
+# the API's packages only: the wire format, the shared runtime and the torch-free imaging I/O
+# (tests/test_imports.py proves that loading any of their modules leaves torch out)
 COPY contract ./contract
+COPY runtime ./runtime
+COPY imaging ./imaging
 COPY service ./service
-# models/ is copied whole, but the API imports only its torch-free modules (cohort, preprocess, errors);
-# tests/service/test_no_torch.py proves that importing the app leaves torch out
-COPY models ./models
 RUN pip install --no-deps . && python -c "import service.main"
 USER dhvae
 EXPOSE 8000
@@ -50,8 +51,12 @@ RUN torch_pin=$(grep -E '^torch==' requirements.lock) \
 FROM worker-deps AS worker
 COPY pyproject.toml ./
 COPY contract ./contract
-COPY worker ./worker
+COPY runtime ./runtime
+COPY imaging ./imaging
 COPY models ./models
+COPY pipeline ./pipeline
+COPY efficacy ./efficacy
+COPY worker ./worker
 COPY scripts/fetch_vgg16.py ./scripts/fetch_vgg16.py
 RUN pip install --no-deps . \
  && python scripts/fetch_vgg16.py --out weights/vgg16_lpips.pt \

@@ -117,7 +117,7 @@ UnetWidths = Literal["paper", "small", "tiny"]
 
 
 class EvaluationRequest(_Body):
-    """Does augmenting this cohort help, and with how many pairs? (issue 4; models/efficacy.py)
+    """Does augmenting this cohort help, and with how many pairs? (issue 4; efficacy/grid.py)
 
     The cohort is split by patient; a generator is fitted on the training patients only (or
     ``model_id``, which must not have been trained on this cohort), and a 2D U-Net is trained on the

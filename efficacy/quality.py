@@ -13,11 +13,13 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor
+
+from models.perceptual import LPIPS
 
 from .segmenter import as_tensor
 
@@ -45,10 +47,11 @@ def ssim(x: np.ndarray, y: np.ndarray, data_range: float = 1.0) -> np.ndarray:
     from monai.metrics import SSIMMetric
 
     a, b = as_tensor(x)[:, None], as_tensor(y)[:, None]
-    return SSIMMetric(spatial_dims=2, data_range=data_range, reduction="none")(a, b).reshape(-1).numpy()
+    scores = SSIMMetric(spatial_dims=2, data_range=data_range, reduction="none")(a, b)
+    return cast(Tensor, scores).reshape(-1).numpy()
 
 
-def js_divergence(p: Sequence[float], q: Sequence[float]) -> float:
+def js_divergence(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray) -> float:
     """Jensen-Shannon divergence between two histograms (normalised here), in bits: 0 (equal) .. 1 (disjoint).
 
     ``JS = 0.5 KL(p || m) + 0.5 KL(q || m)``, ``m = (p + q) / 2``, log base 2, with ``0 log 0 = 0``.
@@ -117,15 +120,13 @@ def frechet_distance_from_features(feats_a: np.ndarray, feats_b: np.ndarray) -> 
     return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
-def default_perceptual_net() -> nn.Module:
+def default_perceptual_net() -> LPIPS:
     """LPIPS-VGG16 on 2-channel pairs in [0, 1] (models/perceptual.py); WeightsMissing without weights."""
-    from models.perceptual import LPIPS
-
     return LPIPS(in_channels=2, input_range="unit")
 
 
 @torch.no_grad()
-def vgg16_features(pairs: np.ndarray, net: nn.Module, layer: int = -1, batch_size: int = 32) -> np.ndarray:
+def vgg16_features(pairs: np.ndarray, net: LPIPS, layer: int = -1, batch_size: int = 32) -> np.ndarray:
     """Per-pair VGG16 descriptors: the spatial mean of LPIPS's channel-normalised activations at ``layer``
     (index into relu1_2 .. relu5_3; default relu5_3, 512-d). ``pairs`` ``(N, 2, H, W)``, H, W >= 16.
     Returns ``(N, C_layer)`` float64."""
@@ -138,9 +139,7 @@ def vgg16_features(pairs: np.ndarray, net: nn.Module, layer: int = -1, batch_siz
     return torch.cat(out).double().numpy()
 
 
-def frechet_vgg16_distance(
-    a: np.ndarray, b: np.ndarray, net: nn.Module | None = None, layer: int = -1
-) -> float:
+def frechet_vgg16_distance(a: np.ndarray, b: np.ndarray, net: LPIPS | None = None, layer: int = -1) -> float:
     """The "Frechet VGG16 distance" between two sets of pairs ``(N, 2, H, W)``.
 
     :func:`frechet_distance_from_features` on :func:`vgg16_features`: an FID-like score with ImageNet
@@ -254,7 +253,7 @@ def quality_metrics(
     heldout: np.ndarray,
     train: np.ndarray | None = None,
     *,
-    net: nn.Module | None = None,
+    net: LPIPS | None = None,
     near_copy_threshold: float = 0.02,
     train_case_ids: Sequence[str] | None = None,
     include_vgg: bool = True,

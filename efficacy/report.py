@@ -103,8 +103,11 @@ def verdicts(summary: list[dict[str, Any]], metric: str = "dice_slice") -> dict[
     return out
 
 
-def plot_report(report: dict[str, Any], path: Path, metric: str = "dice_slice") -> None:
-    """Dice against N per method, one panel per protocol (the paper's Dice-evolution figure), as PNG."""
+def plot_report(report: dict[str, Any], path: Path, metric: str = "dice_slice") -> dict[str, list[str]]:
+    """Dice against N per method, one panel per protocol (the paper's Dice-evolution figure), as PNG.
+
+    A generator that produced no pairs gets a legend entry saying so. Returns each panel's legend
+    labels (protocol -> labels), what a reader of the figure sees drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,6 +117,8 @@ def plot_report(report: dict[str, Any], path: Path, metric: str = "dice_slice") 
     fig, axes = plt.subplots(
         1, max(1, len(protocols)), figsize=(6 * max(1, len(protocols)), 4.2), squeeze=False
     )
+    drawn: dict[str, list[str]] = {}
+    failed = report.get("failed_generators") or {}
     for ax, protocol in zip(axes[0], protocols, strict=False):
         ours = [s for s in report["summary"] if s["protocol"] == protocol]
         base = next((s for s in ours if s["method"] == "none"), None)
@@ -127,15 +132,19 @@ def plot_report(report: dict[str, Any], path: Path, metric: str = "dice_slice") 
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
         if base is not None:
             ax.axhline(100 * base[metric]["mean"], color="grey", ls=":", lw=1, label="no augmentation")
+        for method in failed:
+            ax.plot([], [], ls="none", marker="x", color="red", label=f"{method}: failed, no pairs")
         ax.set_title(f"{protocol.replace('_', ' ')}")
         ax.set_xlabel("synthetic slices added (N)")
         ax.set_ylabel(f"{metric.replace('_', ' ')} (%), mean +- std over seeds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        drawn[protocol] = [t.get_text() for t in ax.get_legend().get_texts()]
     fig.tight_layout()
     with atomic_file(Path(path)) as f:
         fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
+    return drawn
 
 
 def report_markdown(report: dict[str, Any], *, paper: bool = False, title: str = "Efficacy") -> str:
@@ -239,5 +248,3 @@ def summarize(values: Sequence[float], confidence: float = 0.95) -> dict[str, fl
     std = float(v.std(ddof=1))
     half = float(stats.t.ppf(0.5 + confidence / 2, v.size - 1)) * std / math.sqrt(v.size)
     return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": int(v.size)}
-
-

@@ -86,9 +86,11 @@ def patient_split(
             raise DHVAEError(f"test_fraction must be in (0, 1), got {test_fraction}")
         n_test = min(max(1, round(test_fraction * n)), n - 1)
         n_train = n - n_test
-    else:
-        n_train = n - n_test if n_train is None else n_train
-        n_test = n - n_train if n_test is None else n_test
+    elif n_train is None:
+        assert n_test is not None
+        n_train = n - n_test
+    elif n_test is None:
+        n_test = n - n_train
     if n_train < 1 or n_test < 1 or n_train + n_test > n:
         raise DHVAEError(
             f"cannot split {n} patient(s) into {n_train} training and {n_test} test patient(s): "
@@ -424,7 +426,9 @@ UNET_WIDTHS: dict[str, tuple[int, ...]] = {
 def segmenter_config(**overrides: Any) -> SegmenterConfig:
     """SegmenterConfig with some fields replaced (tuples from lists, for JSON requests). ``channels``
     without ``strides`` gets one stride-2 downsampling between consecutive widths."""
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
+    fixed: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None
+    }
     if "channels" in fixed and "strides" not in fixed:
         fixed["strides"] = (2,) * (len(fixed["channels"]) - 1)
     return replace(SegmenterConfig(), **fixed)

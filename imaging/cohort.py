@@ -276,8 +276,8 @@ def load_case(case: Case, spec: CohortSpec | None = None) -> tuple[np.ndarray, n
         raise CohortError(problems)
 
     image_rel, label_rel = case.rel(case.image_path), case.rel(case.label_path)
-    image_nii = nib.load(case.image_path)
-    label_nii = nib.load(case.label_path)
+    image_nii = _load_nifti(case.image_path)
+    label_nii = _load_nifti(case.label_path)
     image = _read_voxels(image_nii, case.image_index, image_rel, problems)
     labels = _read_voxels(label_nii, None, label_rel, problems)
     if problems:
@@ -495,7 +495,9 @@ def _scan_nnunet(root: Path, scan: _Scan) -> None:
         found.setdefault(match["case"], {})[int(match["index"])] = path
     labels = {p.name[: -len(ending)]: p for p in sorted(labels_dir.iterdir()) if p.name.endswith(ending)}
     for case_id, by_index in sorted(found.items()):
-        images = {channels[i]: (p, None) for i, p in by_index.items() if i < len(channels)}
+        images: dict[str, tuple[Path, int | None]] = {
+            channels[i]: (p, None) for i, p in by_index.items() if i < len(channels)
+        }
         for i, p in by_index.items():
             if i >= len(channels):
                 scan.warnings.append(f"{scan.rel(p)}: ignored (channel {i} not in dataset.json)")
@@ -792,6 +794,14 @@ def _header(
         problems.append(Problem(rel, "invalid affine (non-finite or singular voxel-to-world matrix)"))
         return None
     return (spatial[0], spatial[1], spatial[2]), affine
+
+
+def _load_nifti(path: Path) -> nib.Nifti1Image:
+    """A NIfTI-1 or -2 image whose header was already checked (:func:`_header_info`)."""
+    nii = nib.load(path)
+    if not isinstance(nii, nib.Nifti1Image):  # Nifti2Image is a subclass
+        raise CohortError([Problem(path.name, f"not a NIfTI image ({type(nii).__name__})")])
+    return nii
 
 
 def _read_voxels(

@@ -1,7 +1,7 @@
 """Cohort -> training slices, with the summary a user sees. Torch-free: the API validates uploads with it.
 
-read_cohort (models/cohort.py: layouts, header checks)
-  -> preprocess_cohort (models/preprocess.py: voxel checks, resampling, normalisation, balancing, cache)
+read_cohort (imaging/cohort.py: layouts, header checks)
+  -> preprocess_cohort (imaging/preprocess.py: voxel checks, resampling, normalisation, balancing, cache)
 """
 
 from __future__ import annotations

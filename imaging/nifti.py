@@ -136,7 +136,7 @@ class StreamingNiftiWriter:
         rows = max(1, WRITE_CHUNK_BYTES // (nx * out.itemsize))
         for y0 in range(0, ny, rows):
             chunk = np.ascontiguousarray(out[:, y0 : y0 + rows].T)
-            self._gz.write(memoryview(chunk).cast("B"))
+            self._gz.write(chunk.tobytes())  # at most WRITE_CHUNK_BYTES
         self.slices_written += 1
 
     # -- finishing -------------------------------------------------------------------------------------

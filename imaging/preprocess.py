@@ -509,7 +509,7 @@ def _save_cache(path: Path, result: SliceSet) -> None:
         arrays[f"image_{i}"], arrays[f"mask_{i}"], arrays[f"affine_{i}"] = case.image, case.mask, case.affine
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as f:
-        np.savez(f, **arrays)
+        np.savez(f, allow_pickle=False, **arrays)
 
 
 def _load_cache(path: Path, cfg: PreprocessConfig) -> SliceSet | None:

@@ -11,16 +11,18 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from imaging import __version__
 from imaging.errors import CheckpointError, DHVAEError
 
 from .config import DHVAEConfig
 from .registry import build_model
+
+if TYPE_CHECKING:
+    from .train import Trainable
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ FORMAT = "dhvae-checkpoint/1"
 def save_checkpoint(
     path: Path,
     *,
-    model: nn.Module,
+    model: Trainable,
     config: DHVAEConfig,
     step: int,
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
@@ -85,7 +87,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 def model_from_checkpoint(
     path: Path, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[Trainable, dict[str, Any]]:
     """Rebuild the model of a checkpoint and load its weights strictly. Returns (model, payload)."""
     payload = load_checkpoint(path, map_location)
     try:

@@ -73,7 +73,7 @@ class LossConfig:
     # "full": both gradients w.r.t. the last decoder conv weight through the whole graph (the authors'
     # code; that weight sits in every leapfrog decode, so each costs nearly a full second-order backward).
     # "final_decode": the same norm ratio, with the weight's use in the final decode only (z_K held
-    # fixed). A heuristic weight either way; tests/test_losses.py compares the two.
+    # fixed). A heuristic weight either way; tests/models/test_losses.py compares the two.
     adaptive_weight: Literal["full", "final_decode"] = "final_decode"
 
 
@@ -174,10 +174,8 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
         raise KeyError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        default = (
-            known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
-        )
-        sub = type(default()) if default is not None else None
+        factory = known[name].default_factory
+        sub = type(factory()) if callable(factory) else None
         if sub is not None and dataclasses.is_dataclass(sub):
             kwargs[name] = _from_dict(sub, value)
         elif isinstance(value, list):

@@ -1,7 +1,7 @@
 """The Hamiltonian flow of HVAE (Caterini et al. 2018): K leapfrog steps with quadratic tempering.
 
 This is the one place where the integrator lives. It is a pure function of a potential-gradient
-callable, so it is tested on analytic targets (tests/test_hamiltonian.py) as well as on the decoder.
+callable, so it is tested on analytic targets (tests/models/test_hamiltonian.py) as well as on the decoder.
 
 method.md, "Hamiltonian part". With U(z) = -log p(x|z) - log N(z; 0, I), each step k = 1..K is
 

@@ -34,7 +34,7 @@ class LSGAN(nn.Module):
     are ``(B, 2, H, W)`` probabilities (the mask channel is thresholded by the sampler).
     """
 
-    needs_perceptual = False  # no LPIPS term: models/pipeline.attach_perceptual skips it
+    needs_perceptual = False  # no LPIPS term: pipeline.attach_perceptual skips it
 
     def __init__(self, cfg: DHVAEConfig):
         super().__init__()

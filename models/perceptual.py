@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 VGG16_CONV_INDICES: tuple[int, ...] = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 VGG16_CONV_CHANNELS: tuple[int, ...] = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 VGG16_POOL_INDICES: tuple[int, ...] = (4, 9, 16, 23)
-FEATURE_LAYERS: tuple[str, ...] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 FEATURE_INDICES: tuple[int, ...] = (3, 8, 15, 22, 29)
 FEATURE_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
 
@@ -126,6 +125,9 @@ class LPIPS(nn.Module):
     Parameters are frozen and the module stays in eval mode.
     """
 
+    mult: Tensor  # buffers, registered in __init__
+    offset: Tensor
+
     def __init__(
         self,
         weights: str | Path | None = None,
@@ -167,7 +169,7 @@ class LPIPS(nn.Module):
 
         self.requires_grad_(False)
         if channels_last:
-            self.net.to(memory_format=torch.channels_last)
+            self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
         super().train(False)
         logger.debug("LPIPS-VGG16 (%d input channels) loaded from %s", in_channels, self.weights_path)
 

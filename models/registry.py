@@ -21,6 +21,7 @@ its name in ``contract/schemas.py``'s ``Generator`` (the drift test says so if y
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 from torch import nn
 
@@ -29,6 +30,9 @@ from imaging.errors import DHVAEError
 from .config import DHVAEConfig
 from .dhvae import DHVAE
 from .lsgan import LSGAN
+
+if TYPE_CHECKING:
+    from .train import Trainable
 
 
 @dataclass(frozen=True)
@@ -65,9 +69,9 @@ def get_generator(name: str) -> GeneratorEntry:
         raise DHVAEError(f"unknown generator {name!r}; choose one of {', '.join(GENERATORS)}") from None
 
 
-def build_model(config: DHVAEConfig) -> nn.Module:
+def build_model(config: DHVAEConfig) -> Trainable:
     """The network a config describes (``config.model`` names a trained generator)."""
     entry = get_generator(config.model)
     if entry.model_class is None:
         raise DHVAEError(f"generator {config.model!r} has no network to build: nothing is trained")
-    return entry.model_class(config)
+    return cast("Trainable", entry.model_class(config))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from imaging.errors import LowAcceptance
 
 from .config import SamplingConfig
 from .rng import step_generator
+
+if TYPE_CHECKING:
+    from .train import Trainable
 
 
 @dataclass
@@ -49,7 +53,7 @@ def max_draws(n: int, cfg: SamplingConfig) -> int:
 
 @torch.no_grad()
 def sample_pairs(
-    model: torch.nn.Module,
+    model: Trainable,
     n: int,
     *,
     seed: int,

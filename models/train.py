@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +26,7 @@ from imaging.progress import ProgressFn, Reporter, StopFn
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DHVAEConfig
+from .dhvae import StepLosses
 from .rng import step_generator
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,35 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+class Trainable(Protocol):
+    """The training contract: what :func:`fit` (and :func:`models.sampler.sample_pairs`) need of a
+    generator. :class:`models.dhvae.DHVAE` and :class:`models.lsgan.LSGAN` have it; a new generator
+    that has it trains, checkpoints, samples and exports with no other change (``models/registry.py``).
+
+    ``training_losses(x, step, rng)`` -> :class:`models.dhvae.StepLosses` for a batch ``x`` (B, 2, H, W)
+    in [0, 1]; ``discriminator_loss(x, fake, step)`` -> the critic's loss, or None when there is none
+    (yet); ``decode(z)`` (B, latent_dim) -> (B, 2, H, W) probabilities; the rest is ``nn.Module``'s.
+    """
+
+    cfg: DHVAEConfig
+
+    def training_losses(self, x: Tensor, step: int, rng: torch.Generator | None = None) -> StepLosses: ...
+    def discriminator_loss(self, x: Tensor, fake: Tensor, step: int) -> Tensor | None: ...
+    def generator_parameters(self) -> list[nn.Parameter]: ...
+    def discriminator_parameters(self) -> list[nn.Parameter]: ...
+    def decode(self, z: Tensor) -> Tensor: ...
+
+    # nn.Module's own
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
+    def train(self, mode: bool = True) -> Any: ...
+    def eval(self) -> Any: ...
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any: ...
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -65,9 +97,9 @@ class TrainResult:
     slices_per_s: float
 
 
-def _optimizers(model: nn.Module, cfg: DHVAEConfig) -> dict[str, torch.optim.Optimizer]:
+def _optimizers(model: Trainable, cfg: DHVAEConfig) -> dict[str, torch.optim.Optimizer]:
     t = cfg.train
-    opts = {
+    opts: dict[str, torch.optim.Optimizer] = {
         "generator": torch.optim.AdamW(
             model.generator_parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay
         )
@@ -89,7 +121,7 @@ def _check_finite(step: int, what: str, value: Tensor, checkpoint: Path) -> None
 
 
 def fit(
-    model: nn.Module,
+    model: Trainable,
     data: Tensor,
     cfg: DHVAEConfig,
     *,

@@ -134,12 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _presets(as_json: bool) -> int:
+    from models.dhvae import DHVAE
     from models.network import count_parameters
-    from models.registry import build_model
 
     rows = {}
     for name, cfg in PRESETS.items():
-        m = build_model(cfg)
+        m = DHVAE(cfg)  # every preset is a dHVAE
         counts = {
             "encoder": count_parameters(m.encoder),
             "decoder": count_parameters(m.decoder),
@@ -199,14 +199,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"model written to {ckpt}")
             return 0
         sample = pipeline.spec_from(pipeline.SampleSpec, flags)
-        r = pipeline.augment(
-            ing, training, sample, out_dir=args.out, model_dir=args.model_dir, progress=bar, device=args.device
+        aug = pipeline.augment(
+            ing,
+            training,
+            sample,
+            out_dir=args.out,
+            model_dir=args.model_dir,
+            progress=bar,
+            device=args.device,
         )
         bar.close()
         print(
-            f"augmented dataset: {r.out_dir} ({len(r.ingest['cases'])} real cases + {r.generation.n_pairs} synthetic "
-            f"pairs from {args.model}, nnU-Net v2 raw layout)"
-            + (f"; model: {r.checkpoint}" if r.checkpoint else "")
+            f"augmented dataset: {aug.out_dir} ({len(aug.ingest['cases'])} real cases + "
+            f"{aug.generation.n_pairs} synthetic pairs from {args.model}, nnU-Net v2 raw layout)"
+            + (f"; model: {aug.checkpoint}" if aug.checkpoint else "")
         )
         return 0
     except (DHVAEError, KeyError) as e:

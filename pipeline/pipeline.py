@@ -32,9 +32,10 @@ from imaging.preprocess import ResampledCase
 from imaging.progress import ProgressFn, Reporter, StopFn
 from models.checkpoint import load_checkpoint, model_from_checkpoint
 from models.config import PRESETS, DHVAEConfig, SamplingConfig, get_preset
+from models.dhvae import DHVAE
 from models.registry import DEFAULT, TRAINED, build_model, get_generator
 from models.sampler import BatchDone, sample_pairs
-from models.train import fit
+from models.train import Trainable, fit
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,9 @@ def make_config(spec: TrainSpec, image_size: int) -> DHVAEConfig:
     return cfg
 
 
-def attach_perceptual(model: torch.nn.Module, cfg: DHVAEConfig, device: torch.device | str) -> None:
+def attach_perceptual(model: Trainable, cfg: DHVAEConfig, device: torch.device | str) -> None:
     """Give the model its frozen LPIPS-VGG16 when the config asks for it (raises WeightsMissing)."""
-    if getattr(model, "needs_perceptual", False):
+    if isinstance(model, DHVAE) and model.needs_perceptual:
         from models.perceptual import LPIPS
 
         net = LPIPS(input_range=cfg.loss.perceptual_input_range, channels_last=cfg.train.channels_last)
@@ -137,7 +138,9 @@ def train(
     ``model_dir`` is resumed from ``last.pt``; a finished one is returned as is.
     """
     device = device or default_device()
-    ing = data if isinstance(data, IngestResult) else ingest(Path(data), cache_dir=cache_dir)
+    ing = (
+        data if isinstance(data, IngestResult) else ingest(Path(data), cache_dir=cache_dir, progress=progress)
+    )
     slices = ing.slices
     if len(slices.case_ids) == 0:
         raise DHVAEError("the cohort has no training slice over the tumour-area floor")
@@ -182,7 +185,7 @@ def train(
     return final
 
 
-def _load_base(model: torch.nn.Module, cfg: DHVAEConfig, path: Path) -> None:
+def _load_base(model: Trainable, cfg: DHVAEConfig, path: Path) -> None:
     """Fine-tuning: start from a base model's weights; its network must be the one ``cfg`` builds."""
     payload = load_checkpoint(path)
     base_cfg: DHVAEConfig = payload["config_obj"]
@@ -349,7 +352,9 @@ def augment(
     """
     out_dir = Path(out_dir)
     model_dir = Path(model_dir) if model_dir else out_dir.parent / f".{out_dir.name}.model"
-    ing = data if isinstance(data, IngestResult) else ingest(Path(data), cache_dir=cache_dir, progress=progress)
+    ing = (
+        data if isinstance(data, IngestResult) else ingest(Path(data), cache_dir=cache_dir, progress=progress)
+    )
     cohort_info = {
         "cohort": {
             k: ing.summary[k] for k in ("layout", "cases", "channel", "tumour_slices", "training_slices")

@@ -18,16 +18,17 @@ disagrees with the record.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import redis
 import redis.asyncio
 
-from contract.schemas import TERMINAL_STATES, JobError, JobKind, JobOut, JobProgress, JobState
+from contract.records import JobRecord
+from contract.schemas import TERMINAL_STATES, JobError, JobKind, JobProgress, JobState
 
 PREFIX = "dhvae"
 EVENTS_MAXLEN = 2000
@@ -80,7 +81,7 @@ def tenant_jobs_key(tenant: str) -> str:
 ACTIVE_KEY = f"{PREFIX}:jobs:active"
 
 
-def _s(v: bytes | str) -> str:
+def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
@@ -92,36 +93,21 @@ def decode(fields: Mapping[bytes | str, bytes | str] | Iterable) -> dict[str, st
     return {_s(items[i]): _s(items[i + 1]) for i in range(0, len(items) - 1, 2)}
 
 
-def to_out(rec: Mapping[str, str], links: dict[str, str] | None = None) -> JobOut:
-    """The public view of a job record (the ``GET /v1/jobs/{id}`` body and every SSE event)."""
-    err = rec.get("error") or ""
-    return JobOut(
-        id=rec["id"],
-        kind=JobKind(rec["kind"]),
-        state=JobState(rec["state"]),
-        progress=JobProgress.model_validate_json(rec.get("progress") or "{}"),
-        error=JobError.model_validate_json(err) if err else None,
-        created_at=rec["created_at"],
-        started_at=rec.get("started_at") or None,
-        finished_at=rec.get("finished_at") or None,
-        links=links or {},
-        cohort_id=rec.get("cohort_id") or None,
-        model_id=rec.get("model_id") or None,
-        cancel_requested=rec.get("cancel") == "1",
-        attempts=int(rec.get("attempts") or 0),
-        request=json.loads(rec.get("request") or "{}"),
-    )
-
-
-def _visible(rec: dict[str, str], tenant: str | None) -> dict[str, str] | None:
-    if not rec or (tenant is not None and rec.get("tenant") != tenant):
+def _visible(fields: dict[str, str], tenant: str | None) -> JobRecord | None:
+    if not fields or (tenant is not None and fields.get("tenant") != tenant):
         return None
-    return rec
+    return JobRecord.from_hash(fields)
 
 
-async def aget(client: redis.asyncio.Redis, job_id: str, tenant: str | None = None) -> dict[str, str] | None:
+async def aget(client: redis.asyncio.Redis, job_id: str, tenant: str | None = None) -> JobRecord | None:
     """``JobStore.get`` on an asyncio client (the API's hot read path: no thread hop)."""
     return _visible(decode(await client.hgetall(job_key(job_id))), tenant)
+
+
+def read_event(fields: Any) -> tuple[str, JobRecord]:
+    """An entry of a job's event stream: the event's name and the record after it."""
+    decoded = decode(fields)
+    return decoded.pop("event", "progress"), JobRecord.from_hash(decoded)
 
 
 class JobStore:
@@ -145,40 +131,35 @@ class JobStore:
         cohort_id: str | None = None,
         model_id: str | None = None,
         progress: JobProgress | None = None,
-    ) -> dict[str, str]:
-        rec = {
-            "id": job_id,
-            "tenant": tenant,
-            "kind": kind.value,
-            "state": JobState.queued.value,
-            "progress": (progress or JobProgress()).model_dump_json(),
-            "error": "",
-            "created_at": now_iso(),
-            "started_at": "",
-            "finished_at": "",
-            "cohort_id": cohort_id or "",
-            "model_id": model_id or "",
-            "request": json.dumps(request, sort_keys=True),
-            "cancel": "0",
-            "attempts": "0",
-            "worker": "",
-        }
+    ) -> JobRecord:
+        rec = JobRecord(
+            id=job_id,
+            tenant=tenant,
+            kind=kind,
+            state=JobState.queued,
+            progress=progress or JobProgress(),
+            created_at=now_iso(),
+            cohort_id=cohort_id,
+            model_id=model_id,
+            request=request,
+        )
+        fields: dict[Any, Any] = rec.to_hash()  # redis-py's parameter types want its own key union
         with self.r.pipeline() as p:
-            p.hset(job_key(job_id), mapping=rec)
-            p.xadd(events_key(job_id), {"event": "state", **rec}, maxlen=EVENTS_MAXLEN, approximate=True)
+            p.hset(job_key(job_id), mapping=fields)
+            p.xadd(events_key(job_id), {"event": "state", **fields}, maxlen=EVENTS_MAXLEN, approximate=True)
             p.zadd(tenant_jobs_key(tenant), {job_id: time.time()})
             p.sadd(ACTIVE_KEY, job_id)
             p.execute()
         return rec
 
-    def get(self, job_id: str, tenant: str | None = None) -> dict[str, str] | None:
+    def get(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
         """The record, or None if unknown or (when ``tenant`` is given) another tenant's."""
         return _visible(decode(self.r.hgetall(job_key(job_id))), tenant)
 
     def list_ids(self, tenant: str, limit: int = 100) -> list[str]:
         return [_s(x) for x in self.r.zrevrange(tenant_jobs_key(tenant), 0, limit - 1)]
 
-    def request_cancel(self, job_id: str) -> dict[str, str] | None:
+    def request_cancel(self, job_id: str) -> JobRecord | None:
         """Queued: cancelled at once. Running: the flag the task checks between steps."""
         if self.transition(job_id, {JobState.queued}, JobState.cancelled):
             return self.get(job_id)
@@ -227,6 +208,10 @@ class JobStore:
             job_id, {JobState.queued, JobState.running}, JobState.failed, {"error": error.model_dump_json()}
         )
 
+    def count_attempt(self, job_id: str) -> int:
+        """One more delivery of the job has started running it; returns the count."""
+        return int(self.r.hincrby(job_key(job_id), "attempts", 1))
+
     def cancel_requested(self, job_id: str) -> bool:
         v = self.r.hget(job_key(job_id), "cancel")
         return v is not None and _s(v) == "1"
@@ -247,7 +232,10 @@ class JobStore:
             time.sleep(min(0.25, max(0.01, deadline - time.monotonic())))
 
     def renew_lease(self, job_id: str, token: str, lease_s: float) -> bool:
-        return bool(self._renew(keys=[lease_key(job_id)], args=[token, int(lease_s * 1000)]))
+        """Extend our lease; if it expired while Redis was away, take it again unless someone else has."""
+        if self._renew(keys=[lease_key(job_id)], args=[token, int(lease_s * 1000)]):
+            return True
+        return bool(self.r.set(lease_key(job_id), token, nx=True, px=int(lease_s * 1000)))
 
     def release_lease(self, job_id: str, token: str) -> None:
         self._release(keys=[lease_key(job_id)], args=[token])

@@ -88,8 +88,8 @@ def preview_png(out_dir: Path, n: int, synthetic_only: bool = True) -> bytes | N
         return None
     tiles = []
     for _case, files in pairs:
-        image = np.asarray(nib.load(out_dir / files[0]).dataobj, dtype=np.float32)
-        mask = np.asarray(nib.load(out_dir / files[-1]).dataobj) > 0
+        image = np.asarray(nib.Nifti1Image.from_filename(out_dir / files[0]).dataobj, dtype=np.float32)
+        mask = np.asarray(nib.Nifti1Image.from_filename(out_dir / files[-1]).dataobj) > 0
         if image.ndim == 2:
             image, mask = image[..., None], mask[..., None]
         areas = mask.reshape(-1, mask.shape[-1]).sum(0)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import redis
-import redis.asyncio
 from celery import Celery
 from fastapi import Depends, Request
+from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -68,7 +68,7 @@ class Context:
     settings: Settings
     storage: LocalStorage
     redis: redis.Redis
-    aredis: redis.asyncio.Redis
+    aredis: AsyncRedis
     jobs: JobStore
     celery: Celery
     keys: KeyRing
@@ -80,7 +80,7 @@ class Context:
         retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
         client = redis.Redis.from_url(url, retry=retry, socket_timeout=10, health_check_interval=30)
         aretry = AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
-        aclient = redis.asyncio.Redis.from_url(url, retry=aretry, health_check_interval=30)
+        aclient = AsyncRedis.from_url(url, retry=aretry, health_check_interval=30)
         celery = Celery("dhvae-api", set_as_current=False)
         celery.conf.update(celery_config(settings))
         keys = KeyRing(settings.api_keys)

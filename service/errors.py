@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
@@ -11,6 +12,9 @@ from fastapi.responses import JSONResponse
 from contract.schemas import ErrorOut, ProblemOut
 
 log = logging.getLogger(__name__)
+
+# What a route answers besides its success, for the OpenAPI schema: {status: {"model": ErrorOut, ...}}.
+Responses = dict[int | str, dict[str, Any]]
 
 
 class ApiError(Exception):

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from contract.records import ModelRecord
 from contract.schemas import (
     AugmentationRequest,
+    AugmentTask,
     ErrorOut,
     JobAccepted,
     JobError,
@@ -16,25 +17,26 @@ from contract.schemas import (
     JobProgress,
     TaskPayload,
     TrainingRequest,
+    TrainTask,
 )
 from runtime.storage import new_id
 from service.deps import Context
-from service.errors import ApiError
+from service.errors import ApiError, Responses
 from service.lookups import check_max, create_model_record, require_cohort, require_model
 
 log = logging.getLogger(__name__)
 
-DATASET_KINDS = {JobKind.generation.value, JobKind.augmentation.value}
+DATASET_KINDS = {JobKind.generation, JobKind.augmentation}
 # What a POST that starts a job can answer besides 202 (and 422 for a bad body).
-SUBMIT_ERRORS = {code: {"model": ErrorOut} for code in (401, 404, 409, 503)}
+SUBMIT_ERRORS: Responses = {code: {"model": ErrorOut} for code in (401, 404, 409, 503)}
 
 
-def job_links(job_id: str, kind: str, model_id: str | None = None) -> dict[str, str]:
+def job_links(job_id: str, kind: JobKind, model_id: str | None = None) -> dict[str, str]:
     links = {"self": f"/v1/jobs/{job_id}", "events": f"/v1/jobs/{job_id}/events"}
     if kind in DATASET_KINDS:
         links["download"] = f"/v1/jobs/{job_id}/download"
         links["preview"] = f"/v1/jobs/{job_id}/preview.png"
-    if kind == JobKind.evaluation.value:
+    if kind == JobKind.evaluation:
         links["report"] = f"/v1/jobs/{job_id}/report.json"
         links["plot"] = f"/v1/jobs/{job_id}/report.png"
     if model_id:
@@ -74,7 +76,7 @@ def submit(
 
 
 def accepted(job_id: str, kind: JobKind, model_id: str | None = None) -> JSONResponse:
-    body = JobAccepted(job_id=job_id, model_id=model_id, links=job_links(job_id, kind.value, model_id))
+    body = JobAccepted(job_id=job_id, model_id=model_id, links=job_links(job_id, kind, model_id))
     return JSONResponse(
         body.model_dump(exclude_none=False), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"}
     )
@@ -87,7 +89,7 @@ def submit_model_job(
     *,
     task: str,
     kind: JobKind,
-    payload_cls: type[TaskPayload],
+    payload_cls: type[TrainTask] | type[AugmentTask],
 ) -> JSONResponse:
     """A job that trains a model (a training or an augmentation): check the request against the
     tenant's cohorts and models, reserve the model id (ready when the job succeeds), enqueue, 202."""

@@ -44,7 +44,7 @@ class ZipStream:
 
     def __init__(self) -> None:
         self._sink = _Sink()
-        self._zf = zipfile.ZipFile(self._sink, mode="w", allowZip64=True)  # type: ignore[arg-type]
+        self._zf = zipfile.ZipFile(self._sink, mode="w", allowZip64=True)  # type: ignore[call-overload]  # a write-only sink
 
     def add_file(self, path: Path, arcname: str) -> Iterator[bytes]:
         info = zipfile.ZipInfo(arcname, date_time=EPOCH)

@@ -25,7 +25,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from contract.schemas import TERMINAL_STATES, JobError, JobProgress, JobState, ProblemOut
-from runtime.jobs import JobStore, job_key, lease_key, now_iso
+from runtime.jobs import JobStore, now_iso
 from runtime.storage import LocalStorage
 from worker.settings import WorkerSettings, get_settings
 
@@ -88,8 +88,7 @@ class _Heartbeat(threading.Thread):
         while not self.stopped.wait(self.lease_s / 3):
             try:
                 if not self.jobs.renew_lease(self.job_id, self.token, self.lease_s):
-                    # expired while Redis was away: take it again if nobody else has
-                    self.jobs.r.set(lease_key(self.job_id), self.token, nx=True, px=int(self.lease_s * 1000))
+                    log.warning("job %s: another worker holds its lease now", self.job_id)
             except redis.RedisError as e:
                 log.warning("lease renewal for %s failed: %s", self.job_id, e)
 
@@ -153,8 +152,8 @@ def run_job(
     if rec is None:
         log.warning("job %s has no record (expired or never created): dropping the message", job_id)
         return
-    if JobState(rec["state"]) in TERMINAL_STATES:
-        log.info("job %s already %s: nothing to do", job_id, rec["state"])
+    if rec.state in TERMINAL_STATES:
+        log.info("job %s already %s: nothing to do", job_id, rec.state.value)
         return
     token = _patiently(
         lambda: jobs.acquire_lease(job_id, settings.job_lease_s, wait_s=settings.job_lease_s * 1.5),
@@ -171,17 +170,17 @@ def run_job(
     )
     try:
         rec = _patiently(lambda: jobs.get(job_id), "read job")
-        if rec is None or JobState(rec["state"]) in TERMINAL_STATES:
+        if rec is None or rec.state in TERMINAL_STATES:
             return
-        if rec.get("cancel") == "1":
+        if rec.cancel:
             raise Cancelled("cancelled before it started")
-        jobs.r.hincrby(job_key(job_id), "attempts", 1)
+        jobs.count_attempt(job_id)
         jobs.transition(
             job_id,
             {JobState.queued, JobState.running},
             JobState.running,
             {
-                "started_at": rec.get("started_at") or now_iso(),
+                "started_at": rec.started_at or now_iso(),
                 "worker": f"{socket.gethostname()}:{os.getpid()}",
             },
         )

@@ -167,7 +167,7 @@ def augment(payload: dict) -> None:
 
 @app.task(name=names.EVALUATE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def evaluate(payload: dict) -> None:
-    """The efficacy protocol on a tenant's cohort (models/efficacy.py); a redelivered job resumes from
+    """The efficacy protocol on a tenant's cohort (efficacy.grid.evaluate_cohort); a redelivered job resumes from
     the runs already recorded in its work folder."""
     req = EvaluateTask.model_validate(payload)
 

@@ -2,7 +2,7 @@
 
 Generators and U-Nets learn from the training patients only (train + validation splits of
 ../shared/data/brats2015-deepmedic); Dice is measured on the test patients, whom no generator sees.
-The protocol is models/efficacy.py (the same code the service's POST /v1/evaluations runs): every
+The protocol is efficacy/grid.py (evaluate_cohort: the same code the service's POST /v1/evaluations runs): every
 method x N x seed, under both training-length protocols (fixed_epochs, the paper's; step_matched, the
 fair one), then the table next to the paper's numbers and the Dice-against-N figure.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Response
 from fastapi.responses import JSONResponse
 
 from contract import tasks
@@ -23,7 +23,7 @@ def create_augmentation(
     ctx: Ctx,
     tenant: Tenant,
     idempotency_key: Annotated[str | None, Header()] = None,
-) -> JSONResponse:
+) -> Response:
     """Train on the cohort, then generate: the download is the cohort + N synthetic pairs (nnU-Net v2)."""
 
     def handler() -> JSONResponse:

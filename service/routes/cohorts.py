@@ -9,10 +9,10 @@ from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from contract.records import CohortRecord
-from contract.schemas import ID_PATTERN, TERMINAL_STATES, CohortList, CohortOut, ErrorOut, JobState
+from contract.schemas import ID_PATTERN, TERMINAL_STATES, CohortList, CohortOut, ErrorOut
 from runtime.storage import new_id
 from service.deps import Ctx, Tenant
-from service.errors import ApiError, not_found
+from service.errors import ApiError, Responses, not_found
 from service.lookups import require_cohort
 from service.uploads import ZIP_TYPES, ingest_cohort, stream_to_file
 
@@ -22,7 +22,7 @@ CohortId = Annotated[str, Path(pattern=ID_PATTERN)]
 # Validation reads and resamples every volume: a CPU-bound step, at most this many at once.
 _VALIDATION_SLOTS = anyio.CapacityLimiter(1)
 
-ERRORS = {
+ERRORS: Responses = {
     401: {"model": ErrorOut},
     413: {"model": ErrorOut, "description": "Body or extracted size past the limits"},
     415: {"model": ErrorOut},
@@ -98,7 +98,7 @@ def delete_cohort(cohort_id: CohortId, ctx: Ctx, tenant: Tenant) -> Response:
         raise not_found("cohort", cohort_id)
     for job_id in ctx.jobs.active_ids():
         rec = ctx.jobs.get(job_id, tenant)
-        if rec and rec.get("cohort_id") == cohort_id and JobState(rec["state"]) not in TERMINAL_STATES:
+        if rec and rec.cohort_id == cohort_id and rec.state not in TERMINAL_STATES:
             raise ApiError(409, f"cohort {cohort_id} is used by job {job_id}; cancel it first")
     ctx.storage.delete(tenant, "cohorts", cohort_id)
     return Response(status_code=204)

@@ -1,10 +1,10 @@
-"""Evaluations: does augmenting this cohort help, and with how many pairs? (models/efficacy.py)"""
+"""Evaluations: does augmenting this cohort help, and with how many pairs? (efficacy/grid.py)"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Response
 from fastapi.responses import JSONResponse
 
 from contract import tasks
@@ -25,7 +25,7 @@ def create_evaluation(
     ctx: Ctx,
     tenant: Tenant,
     idempotency_key: Annotated[str | None, Header()] = None,
-) -> JSONResponse:
+) -> Response:
     """Split the cohort by patient, fit the generator on the training patients (or use ``model_id``),
     train a U-Net on real + N synthetic slices for every N, seed and protocol, test it on the held-out
     patients. The result: ``links.report`` (JSON: rows, summary, verdict) and ``links.plot`` (PNG)."""
@@ -35,7 +35,7 @@ def create_evaluation(
             check_max(n, ctx.settings.max_pairs, "n_pairs")
         check_max(body.n_runs(), ctx.settings.max_evaluation_runs, "U-Net runs (N x seeds x protocols)")
         require_cohort(ctx, tenant, body.cohort_id)
-        generator = body.model
+        generator: str = body.model
         if body.model_id:
             model = require_model(ctx, tenant, body.model_id)
             if model.cohort_id == body.cohort_id:

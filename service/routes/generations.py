@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Response
 from fastapi.responses import JSONResponse
 
 from contract import tasks
@@ -24,7 +24,7 @@ def create_generation(
     ctx: Ctx,
     tenant: Tenant,
     idempotency_key: Annotated[str | None, Header()] = None,
-) -> JSONResponse:
+) -> Response:
     """Start a generation job; download its pairs as they are produced from ``links.download``."""
 
     def handler() -> JSONResponse:

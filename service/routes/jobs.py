@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import redis
@@ -11,28 +11,29 @@ from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from contract.records import JobRecord
 from contract.schemas import ID_PATTERN, TERMINAL_STATES, ErrorOut, JobKind, JobList, JobOut, JobState
-from runtime.jobs import aget, decode, events_key, to_out
+from runtime.jobs import aget, events_key, read_event
 from service.dataset import preview_png, stream_dataset
 from service.deps import Context, Ctx, Tenant
-from service.errors import ApiError, not_found
+from service.errors import ApiError, Responses, not_found
 from service.submit import DATASET_KINDS, job_links
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 JobId = Annotated[str, Path(pattern=ID_PATTERN)]
-NOT_FOUND = {404: {"model": ErrorOut}}
+NOT_FOUND: Responses = {404: {"model": ErrorOut}}
 
 
-def _record(ctx: Context, tenant: str, job_id: str) -> dict[str, str]:
+def _record(ctx: Context, tenant: str, job_id: str) -> JobRecord:
     rec = ctx.jobs.get(job_id, tenant)
     if rec is None:
         raise not_found("job", job_id)
     return rec
 
 
-def job_out(rec: dict[str, str]) -> JobOut:
-    return to_out(rec, job_links(rec["id"], rec["kind"], rec.get("model_id")))
+def job_out(rec: JobRecord) -> JobOut:
+    return rec.out(job_links(rec.id, rec.kind, rec.model_id))
 
 
 @router.get("", response_model=JobList)
@@ -55,8 +56,8 @@ async def get_job(job_id: JobId, ctx: Ctx, tenant: Tenant) -> JobOut:
 def cancel_job(job_id: JobId, ctx: Ctx, tenant: Tenant) -> JobOut:
     """Cooperative cancel: a queued job is cancelled at once, a running one at its next step."""
     rec = _record(ctx, tenant, job_id)
-    if JobState(rec["state"]) in TERMINAL_STATES:
-        raise ApiError(409, f"job {job_id} already {rec['state']}")
+    if rec.state in TERMINAL_STATES:
+        raise ApiError(409, f"job {job_id} already {rec.state.value}")
     rec = ctx.jobs.request_cancel(job_id) or rec
     return job_out(rec)
 
@@ -82,13 +83,13 @@ async def _events(ctx: Context, job_id: str, last: str):
     key = events_key(job_id)
     while True:
         try:
-            reply = await ctx.aredis.xread({key: last}, block=5000, count=200)
+            reply: Any = await ctx.aredis.xread({key: last}, block=5000, count=200)
         except (redis.ConnectionError, redis.TimeoutError):
             await anyio.sleep(0.5)  # Redis restarting: the stream is persisted, keep reading after it
             continue
         if not reply:
             rec = await aget(ctx.aredis, job_id)
-            if rec is None or JobState(rec["state"]) in TERMINAL_STATES:
+            if rec is None or rec.state in TERMINAL_STATES:
                 if rec is not None:
                     yield ServerSentEvent(data=job_out(rec).model_dump_json(), event="state")
                 return
@@ -96,19 +97,18 @@ async def _events(ctx: Context, job_id: str, last: str):
         for _key, entries in reply:
             for entry_id, fields in entries:
                 last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                rec = decode(fields)
-                event = rec.pop("event", "progress")
+                event, rec = read_event(fields)
                 yield ServerSentEvent(data=job_out(rec).model_dump_json(), event=event, id=last)
-                if JobState(rec["state"]) in TERMINAL_STATES:
+                if rec.state in TERMINAL_STATES:
                     return
 
 
-def _dataset_job(ctx: Context, tenant: str, job_id: str) -> dict[str, str]:
+def _dataset_job(ctx: Context, tenant: str, job_id: str) -> JobRecord:
     rec = _record(ctx, tenant, job_id)
-    if rec["kind"] not in DATASET_KINDS:
-        raise ApiError(409, f"job {job_id} is a {rec['kind']} job: it produces no dataset")
-    if rec["state"] in (JobState.failed.value, JobState.cancelled.value):
-        raise ApiError(409, f"job {job_id} {rec['state']}: there is nothing to download")
+    if rec.kind not in DATASET_KINDS:
+        raise ApiError(409, f"job {job_id} is a {rec.kind.value} job: it produces no dataset")
+    if rec.state in (JobState.failed, JobState.cancelled):
+        raise ApiError(409, f"job {job_id} {rec.state.value}: there is nothing to download")
     return rec
 
 
@@ -130,7 +130,7 @@ def download(job_id: JobId, ctx: Ctx, tenant: Tenant) -> StreamingResponse:
 
     def state() -> JobState | None:
         rec = ctx.jobs.get(job_id)
-        return JobState(rec["state"]) if rec else None
+        return rec.state if rec else None
 
     return StreamingResponse(
         stream_dataset(out_dir, state, ctx.settings.download_poll_s),
@@ -156,10 +156,10 @@ def preview(job_id: JobId, ctx: Ctx, tenant: Tenant, n: Annotated[int, Query(ge=
 def _report_file(ctx: Context, tenant: str, job_id: str, name: str) -> bytes:
     """A file of a finished evaluation job: 409 for another kind of job or one not finished."""
     rec = _record(ctx, tenant, job_id)
-    if rec["kind"] != JobKind.evaluation.value:
-        raise ApiError(409, f"job {job_id} is a {rec['kind']} job: it has no report")
-    if rec["state"] != JobState.succeeded.value:
-        raise ApiError(409, f"job {job_id} is {rec['state']}: the report exists once it has succeeded")
+    if rec.kind != JobKind.evaluation:
+        raise ApiError(409, f"job {job_id} is a {rec.kind.value} job: it has no report")
+    if rec.state != JobState.succeeded:
+        raise ApiError(409, f"job {job_id} is {rec.state.value}: the report exists once it has succeeded")
     path = ctx.storage.path(tenant, "outputs", job_id) / name
     if not path.is_file():
         raise ApiError(409, f"job {job_id} has no {name}")

@@ -21,7 +21,7 @@ from contract.schemas import (
     ModelList,
     ModelOut,
 )
-from runtime.jobs import aget, to_out
+from runtime.jobs import aget
 from runtime.storage import new_id
 from service.deps import Ctx, Tenant
 from service.errors import ApiError, error_body
@@ -119,7 +119,7 @@ async def _wait_for_import(ctx: Ctx, tenant: str, job_id: str, model_id: str) ->
     with anyio.move_on_after(ctx.settings.import_wait_s):
         while True:
             rec = await aget(ctx.aredis, job_id)
-            state = JobState(rec["state"]) if rec else JobState.failed
+            state = rec.state if rec else JobState.failed
             if state == JobState.succeeded:
                 model = require_model(ctx, tenant, model_id)
                 return JSONResponse(
@@ -128,7 +128,7 @@ async def _wait_for_import(ctx: Ctx, tenant: str, job_id: str, model_id: str) ->
                     headers={"Location": f"/v1/models/{model_id}"},
                 )
             if state in (JobState.failed, JobState.cancelled):
-                err = to_out(rec).error if rec else None
+                err = rec.error if rec else None
                 problems = [(p.file, p.problem) for p in err.problems] if err else []
                 detail = err.message if err else "import failed"
                 return JSONResponse(error_body(detail, problems or [("<upload>", detail)]), status_code=422)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Response
 from fastapi.responses import JSONResponse
 
 from contract import tasks
@@ -22,7 +22,7 @@ def create_training(
     ctx: Ctx,
     tenant: Tenant,
     idempotency_key: Annotated[str | None, Header()] = None,
-) -> JSONResponse:
+) -> Response:
     """Start a training job; its model id is reserved now and becomes ready when the job succeeds."""
 
     def handler() -> JSONResponse:

@@ -138,8 +138,12 @@ def test_run_is_resumable_and_reports(cohort, tmp_path: Path):
     assert set(report["verdict"]) == {"fixed_epochs", "step_matched"}
     md = report_markdown(report, paper=True)
     assert "| step_matched | vae | 8 | 2 |" in md and "84.4" in md
-    plot_report(report, tmp_path / "plot.png")
-    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = plot_report(report, tmp_path / "plot.png")
+    assert drawn == {p: ["no augmentation", "traditional", "vae"] for p in ("fixed_epochs", "step_matched")}
+    from PIL import Image
+
+    with Image.open(tmp_path / "plot.png") as png:  # two panels side by side
+        assert png.format == "PNG" and png.width > 1.8 * png.height
 
     # the same folder reports on fewer methods (or runs more) without redoing any finished cell
     fewer = EfficacyConfig(methods=("traditional",), n_synthetic=(4, 8), seeds=(0, 1), **TINY)
@@ -177,3 +181,15 @@ def test_verdict_gain_and_seed_spread():
     cfg = EfficacyConfig(seeds=(0,))
     report = build_report([], cells(cfg), cfg.to_dict(), {}, {}, step_budget=1)
     assert report["rows"] == [] and not report["complete"]
+
+
+def test_a_failed_generator_is_in_the_figure_and_the_table(tmp_path):
+    s = {"mean": 0.5, "std": 0.01, "ci_low": 0.49, "ci_high": 0.51, "n": 2}
+    summary_row = {"protocol": "step_matched", "method": "none", "n_synthetic": 0, "n_seeds": 2}
+    report = {
+        "summary": [{**summary_row, **{m: s for m in ("dice_slice", "dice_pooled", "dice_3d", "hd95")}}],
+        "failed_generators": {"dhvae": "only 0 of 20 pairs reached the mask-area floor"},
+    }
+    assert plot_report(report, tmp_path / "p.png") == {
+        "step_matched": ["no augmentation", "dhvae: failed, no pairs"]
+    }

@@ -417,6 +417,8 @@ def test_a_folder_of_splits_asks_for_one_split(tmp_path: Path) -> None:
 
 
 def test_cohort_modules_do_not_import_torch() -> None:
-    code = "import sys, imaging.cohort, imaging.preprocess, imaging.phantoms; sys.exit('torch' in sys.modules)"
+    code = (
+        "import sys, imaging.cohort, imaging.preprocess, imaging.phantoms; sys.exit('torch' in sys.modules)"
+    )
     root = Path(__file__).parents[2]
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0

@@ -1,4 +1,4 @@
-"""Tests of models/export.py: the augmented dataset in nnU-Net v2 raw layout, its manifest, resume."""
+"""Tests of imaging/export.py: the augmented dataset in nnU-Net v2 raw layout, its manifest, resume."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of models/nifti.py: the streaming, atomic, deterministic .nii.gz writer."""
+"""Tests of imaging/nifti.py: the streaming, atomic, deterministic .nii.gz writer."""
 
 from __future__ import annotations
 
@@ -125,6 +125,7 @@ def _peak_traced_bytes_while_streaming(path: Path, base: np.ndarray, nz: int) ->
         tracemalloc.stop()
 
 
+@pytest.mark.slow  # seconds of training or of a large volume: CI runs it (make test)
 def test_memory_does_not_grow_with_the_volume(tmp_path: Path) -> None:
     nx, ny, nz = 256, 256, 400  # 100 MiB of float32 if it were held in memory
     slice_bytes = nx * ny * 4

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from imaging import preprocess
 from imaging.cohort import CohortSpec, read_cohort
 from imaging.errors import CohortError
 from imaging.phantoms import make_phantom_cohort
@@ -23,7 +24,6 @@ from imaging.preprocess import (
     resample_case,
     resample_volume,
 )
-from imaging import preprocess
 
 SHAPE = (24, 24, 12)
 SMALL = PreprocessConfig(shape=(32, 32, 16))

@@ -80,10 +80,16 @@ def test_lsgan_through_pipeline_train_and_generate(tmp_path: Path):
     """The user's path: a cohort folder, the generator chosen by name, an nnU-Net export."""
     cohort = make_phantom_cohort(tmp_path / "cohort", n_cases=2, shape=(48, 48, 24))
     ing = ingest(cohort, prep=PreprocessConfig(shape=(SIZE, SIZE, 16)))
-    ckpt = train(ing, TrainSpec(model="lsgan", preset="tiny", steps=2), model_dir=tmp_path / "m", device="cpu")
+    ckpt = train(
+        ing, TrainSpec(model="lsgan", preset="tiny", steps=2), model_dir=tmp_path / "m", device="cpu"
+    )
     assert validate_checkpoint(ckpt)["model"] == "lsgan"
     generate(
-        ckpt, SampleSpec(2, min_mask_area=0), out_dir=tmp_path / "out", real_cases=ing.slices.cases, device="cpu"
+        ckpt,
+        SampleSpec(2, min_mask_area=0),
+        out_dir=tmp_path / "out",
+        real_cases=ing.slices.cases,
+        device="cpu",
     )
     manifest = verify_dataset(tmp_path / "out")
     assert manifest["generator"]["model"] == "lsgan" and manifest["generation"]["n_pairs"] == 2

@@ -27,7 +27,7 @@ from models.train import fit
 REPO = Path(__file__).resolve().parents[2]
 
 
-SIZE = 64  # tests train at 64 x 64 (latent 3 x 8 x 8): same code paths, 4x less work than 128
+SIZE = 32  # tests train at 32 x 32 (latent 3 x 4 x 4): same code paths, 16x less work than 128
 
 
 def toy_data(n: int = 8, seed: int = 0, size: int = SIZE) -> torch.Tensor:
@@ -96,6 +96,7 @@ def test_discriminator_learning_rate_follows_the_generator_unless_set():
     assert opts["discriminator"].param_groups[0]["lr"] == 3e-5
 
 
+@pytest.mark.slow  # seconds of training or of a large volume: CI runs it (make test)
 def test_loss_decreases_on_tiny_data(tmp_path):
     torch.manual_seed(0)
     cfg = tiny(40, **{"loss.disc_start": 1000})
@@ -129,6 +130,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert info["preset"] == "tiny" and info["step"] == 3
 
 
+@pytest.mark.slow  # seconds of training or of a large volume: CI runs it (make test)
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
     """SIGKILL a training process after step 7 (checkpoint every 5), resume here, compare to a straight run."""
     script = textwrap.dedent(

@@ -27,7 +27,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
     cohort = make_phantom_cohort(root / "cohort", n_cases=3, shape=(80, 80, 40), seed=1)
     ing = pipeline.ingest(cohort, cache_dir=root / "cache", spec=CohortSpec(), prep=PREP)
-    ckpt = pipeline.train(ing, TrainSpec(preset="tiny", steps=20, seed=3), model_dir=root / "model", device="cpu")
+    ckpt = pipeline.train(
+        ing, TrainSpec(preset="tiny", steps=20, seed=3), model_dir=root / "model", device="cpu"
+    )
     return root, cohort, ing, ckpt
 
 
@@ -44,7 +46,9 @@ def test_ingest_summary(trained):
 
 def test_generate_exact_n_and_deterministic(trained, tmp_path):
     root, _, _, ckpt = trained
-    a = pipeline.generate(ckpt, SampleSpec(5, seed=11, min_mask_area=20), out_dir=tmp_path / "a", device="cpu")
+    a = pipeline.generate(
+        ckpt, SampleSpec(5, seed=11, min_mask_area=20), out_dir=tmp_path / "a", device="cpu"
+    )
     pipeline.generate(ckpt, SampleSpec(5, seed=11, min_mask_area=20), out_dir=tmp_path / "b", device="cpu")
     pipeline.generate(ckpt, SampleSpec(5, seed=12, min_mask_area=20), out_dir=tmp_path / "c", device="cpu")
     assert a.n_pairs == 5 and 0 < a.acceptance <= 1

@@ -74,6 +74,23 @@ def test_dockerfile_api_image_has_no_torch_and_commands_match():
     assert cmd(worker) == WORKER_ARGV
 
 
+def test_images_carry_their_packages_and_no_dev_tools():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    api, worker = _stage(dockerfile, "api"), _stage(dockerfile, "worker")
+
+    def copied(stage: str) -> set[str]:
+        return {m for m in re.findall(r"(?m)^COPY (\S+) \./\S+$", stage) if (ROOT / m).is_dir()}
+
+    # the import rules (tests/test_imports.py) are what make the API image's subset enough
+    assert copied(api) == {"contract", "runtime", "imaging", "service"}
+    assert copied(worker) == {"contract", "runtime", "imaging", "models", "pipeline", "efficacy", "worker"}
+    for stage in (api, worker):
+        assert "requirements-dev.lock" not in stage
+    runtime_lock = (ROOT / "requirements.lock").read_text().lower()
+    for tool in ("pytest", "ruff", "mypy", "import-linter"):
+        assert f"\n{tool}==" not in "\n" + runtime_lock, tool
+
+
 def test_env_example_lists_every_setting():
     from service.settings import Settings
     from worker.settings import WorkerSettings

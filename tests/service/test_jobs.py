@@ -32,7 +32,7 @@ def test_lifecycle_records_every_change_as_an_event(jobs):
     assert not jobs.set_progress("job_1", JobProgress(done=2, total=2))  # terminal: refused
     assert not jobs.transition("job_1", {JobState.running}, JobState.failed)
     rec = jobs.get("job_1")
-    assert rec["state"] == "succeeded" and rec["started_at"] and rec["finished_at"]
+    assert rec.state == "succeeded" and rec.started_at and rec.finished_at
     assert _events(jobs, "job_1") == [
         ("state", "queued"),
         ("state", "running"),
@@ -50,11 +50,11 @@ def test_tenant_scoping(jobs):
 
 def test_cancel_queued_at_once_running_by_flag(jobs):
     jobs.create("job_q", tenant="t", kind=JobKind.training, request={})
-    assert jobs.request_cancel("job_q")["state"] == "cancelled"
+    assert jobs.request_cancel("job_q").state == "cancelled"
     jobs.create("job_r", tenant="t", kind=JobKind.training, request={})
     jobs.transition("job_r", {JobState.queued}, JobState.running)
     rec = jobs.request_cancel("job_r")
-    assert rec["state"] == "running" and rec["cancel"] == "1" and jobs.cancel_requested("job_r")
+    assert rec.state == "running" and rec.cancel and jobs.cancel_requested("job_r")
 
 
 def test_lease_admits_one_runner_and_expires(jobs):

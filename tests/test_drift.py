@@ -1,0 +1,30 @@
+"""The wire format's names (contract/schemas.py imports nothing of ours) against the engine's
+declarations of the same names: a generator, preset, protocol or U-Net width added on one side only
+fails here, as a stale openapi/openapi.json fails tests/service/test_openapi.py."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+from contract import schemas
+from efficacy.segmenter import PROTOCOLS, UNET_WIDTHS
+from models.config import PRESETS
+from models.registry import DEFAULT, GENERATORS, REGISTRY, TRAINED
+
+
+def test_generator_names_are_the_registry_s():
+    assert set(get_args(schemas.Generator)) == set(TRAINED)  # what a training can fit
+    assert set(get_args(schemas.Baseline)) == set(GENERATORS) - {DEFAULT}  # what an evaluation compares
+    assert schemas.TrainingRequest.model_fields["model"].default == DEFAULT
+
+
+def test_registry_entries_build_what_they_name():
+    for name in TRAINED:
+        cfg = PRESETS["tiny"].replace(model=name)
+        assert isinstance(REGISTRY[name].model_class(cfg), REGISTRY[name].model_class)
+
+
+def test_presets_protocols_and_unet_widths():
+    assert set(get_args(schemas.Preset)) == set(PRESETS)
+    assert set(get_args(schemas.Protocol)) == set(PROTOCOLS)
+    assert set(get_args(schemas.UnetWidths)) == set(UNET_WIDTHS)
