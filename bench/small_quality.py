@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from brats import DATA, REPO, combined_cohort
-from efficacy.segmenter import quality_metrics
+from efficacy.quality import quality_metrics
 from imaging.cohort import CohortSpec
 from models.checkpoint import model_from_checkpoint
 from models.config import SamplingConfig
@@ -94,11 +94,8 @@ def main() -> None:
         stamps: list[float] = []
         pipeline.train(
             train,
+            pipeline.TrainSpec(preset="small", steps=4, seed=args.seed, overrides={"loss.disc_start": 0}),
             model_dir=tmp / "probe",
-            preset="small",
-            steps=4,
-            overrides={"loss.disc_start": 0},
-            seed=args.seed,
             device="cpu",
             progress=lambda p: stamps.append(time.perf_counter()) if p.stage == "train" else None,
         )
@@ -115,10 +112,8 @@ def main() -> None:
         t1 = time.perf_counter()
         ckpt = pipeline.train(
             train,
+            pipeline.TrainSpec(preset="small", steps=steps, seed=args.seed),
             model_dir=tmp / "small",
-            preset="small",
-            steps=steps,
-            seed=args.seed,
             device="cpu",
             progress=progress,
         )

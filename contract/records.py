@@ -54,6 +54,32 @@ class JobRecord(BaseModel):
     worker: str = ""
 
     @classmethod
+    def new(
+        cls,
+        job_id: str,
+        *,
+        tenant: str,
+        kind: JobKind,
+        request: dict[str, Any],
+        created_at: str,
+        cohort_id: str | None = None,
+        model_id: str | None = None,
+        progress: JobProgress | None = None,
+    ) -> JobRecord:
+        """A job just accepted: queued, with the progress the API shows until a worker reports."""
+        return cls(
+            id=job_id,
+            tenant=tenant,
+            kind=kind,
+            state=JobState.queued,
+            progress=progress or JobProgress(),
+            created_at=created_at,
+            cohort_id=cohort_id,
+            model_id=model_id,
+            request=request,
+        )
+
+    @classmethod
     def from_hash(cls, fields: Mapping[str, str]) -> JobRecord:
         """The record of a decoded Redis hash (or of an event: the hash's fields after a change)."""
         f = dict(fields)

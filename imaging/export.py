@@ -28,7 +28,6 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 
 import nibabel as nib
@@ -37,7 +36,7 @@ from numpy.typing import ArrayLike
 
 from . import __version__
 from .errors import DHVAEError, Problem
-from .files import PARTIAL_SUFFIX, sha256_file, write_json_atomic
+from .files import PARTIAL_SUFFIX, PublishOnExit, sha256_file, write_json_atomic
 from .nifti import DEFAULT_COMPRESSLEVEL, StreamingNiftiWriter, write_volume
 
 log = logging.getLogger(__name__)
@@ -180,7 +179,7 @@ def _check_mask(mask: np.ndarray, what: str) -> None:
         raise ValueError(f"{what}: mask values must be 0 or 1, got {np.unique(mask)[:10].tolist()}")
 
 
-class SyntheticPairWriter:
+class SyntheticPairWriter(PublishOnExit):
     """Streams one synthetic image + mask pair slice by slice; a context manager.
 
     Both files are published together on ``close`` (image first, then label: a pair counts as complete
@@ -249,20 +248,6 @@ class SyntheticPairWriter:
             self._image.abort()
         finally:
             self._label.abort()
-
-    def __enter__(self) -> SyntheticPairWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 class NnUNetExporter:

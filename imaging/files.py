@@ -16,7 +16,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from types import TracebackType
+from typing import IO, Any, Self
 
 import numpy as np
 
@@ -46,6 +47,28 @@ def publish(tmp: Path, path: Path) -> None:
     """Give the finished temporary file ``tmp`` its final name ``path`` (same folder), durably."""
     os.replace(tmp, path)
     fsync_directory(path.parent)
+
+
+class PublishOnExit:
+    """A writer that publishes its file(s) with ``close()`` or discards them with ``abort()``; as a
+    context manager it closes when the block ends normally and aborts when it raises."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 @contextmanager

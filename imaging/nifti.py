@@ -21,14 +21,13 @@ import gzip
 import logging
 import os
 from pathlib import Path
-from types import TracebackType
 from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from .files import partial_path, publish
+from .files import PublishOnExit, partial_path, publish
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ def nifti1_header(shape: tuple[int, int, int], dtype: DTypeLike, affine: ArrayLi
     return header
 
 
-class StreamingNiftiWriter:
+class StreamingNiftiWriter(PublishOnExit):
     """Context manager that writes a 3D ``.nii.gz`` volume as a sequence of axial slices.
 
     Example::
@@ -186,20 +185,6 @@ class StreamingNiftiWriter:
     def closed(self) -> bool:
         """True once the file is published or aborted."""
         return self._closed
-
-    def __enter__(self) -> StreamingNiftiWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write_volume(

@@ -132,16 +132,15 @@ class JobStore:
         model_id: str | None = None,
         progress: JobProgress | None = None,
     ) -> JobRecord:
-        rec = JobRecord(
-            id=job_id,
+        rec = JobRecord.new(
+            job_id,
             tenant=tenant,
             kind=kind,
-            state=JobState.queued,
-            progress=progress or JobProgress(),
+            request=request,
             created_at=now_iso(),
             cohort_id=cohort_id,
             model_id=model_id,
-            request=request,
+            progress=progress,
         )
         fields: dict[Any, Any] = rec.to_hash()  # redis-py's parameter types want its own key union
         with self.r.pipeline() as p:

@@ -29,16 +29,15 @@ class FakeJobStore:
         model_id: str | None = None,
         progress: JobProgress | None = None,
     ) -> JobRecord:
-        rec = JobRecord(
-            id=job_id,
+        rec = JobRecord.new(
+            job_id,
             tenant=tenant,
             kind=kind,
-            state=JobState.queued,
-            progress=progress or JobProgress(),
+            request=request,
             created_at=now_iso(),
             cohort_id=cohort_id,
             model_id=model_id,
-            request=request,
+            progress=progress,
         )
         self.records[job_id] = rec.to_hash()
         self.events[job_id] = [{"event": "state", **rec.to_hash()}]
