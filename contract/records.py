@@ -52,6 +52,7 @@ class JobRecord(BaseModel):
     )
     attempts: int = 0
     worker: str = ""
+    warnings: list[str] = Field(default_factory=list)
 
     @classmethod
     def new(
@@ -65,6 +66,7 @@ class JobRecord(BaseModel):
         cohort_id: str | None = None,
         model_id: str | None = None,
         progress: JobProgress | None = None,
+        warnings: list[str] | None = None,
     ) -> JobRecord:
         """A job just accepted: queued, with the progress the API shows until a worker reports."""
         return cls(
@@ -77,6 +79,7 @@ class JobRecord(BaseModel):
             cohort_id=cohort_id,
             model_id=model_id,
             request=request,
+            warnings=warnings or [],
         )
 
     @classmethod
@@ -99,6 +102,7 @@ class JobRecord(BaseModel):
             cancel=f.get("cancel") == "1",
             attempts=int(f.get("attempts") or 0),
             worker=f.get("worker", ""),
+            warnings=json.loads(f.get("warnings") or "[]"),
         )
 
     def to_hash(self) -> dict[str, str]:
@@ -119,6 +123,7 @@ class JobRecord(BaseModel):
             "cancel": "1" if self.cancel else "0",
             "attempts": str(self.attempts),
             "worker": self.worker,
+            "warnings": json.dumps(self.warnings),
         }
 
     def out(self, links: dict[str, str] | None = None) -> JobOut:
@@ -138,4 +143,5 @@ class JobRecord(BaseModel):
             cancel_requested=self.cancel,
             attempts=self.attempts,
             request=self.request,
+            warnings=self.warnings,
         )

@@ -49,7 +49,8 @@ class ModelStatus(StrEnum):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # unknown fields are refused, and so are NaN and infinities (JSON has neither)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -191,6 +192,11 @@ class JobOut(BaseModel):
     cancel_requested: bool = False
     attempts: int = Field(0, description="Deliveries so far (more than 1 after a worker was lost).")
     request: dict = Field(default_factory=dict)
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What a user should know about the result: e.g. a generator of an evaluation that "
+        "produced no pairs, or a split too small for its intervals to mean much.",
+    )
 
 
 class JobList(BaseModel):

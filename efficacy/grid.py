@@ -341,8 +341,11 @@ def run_efficacy(
     # One U-Net per (method, N, seed, steps): at the largest N both protocols train the very same one
     # (same slices, seed and step count), so the second protocol takes the first one's result.
     trained = {_run_key(r): r for r in rows if all(m in r for m in METRICS)}
-    reporter = Reporter("evaluate", len(done) + len(todo), "runs", progress, should_stop, start=len(done))
-    reporter.report(len(done))
+    # The total is the grid's from the start (what the API announced): a generator that produced no
+    # pairs has its cells counted as settled, not dropped from the total.
+    settled = len(done) + sum(1 for c in grid if c["method"] in failed and cell_key(c) not in done)
+    reporter = Reporter("evaluate", settled + len(todo), "runs", progress, should_stop, start=settled)
+    reporter.report(settled)
     with open(rows_path, "a") as sink:
         for cell in todo:
             reporter.check_cancelled()
@@ -367,10 +370,11 @@ def run_efficacy(
             sink.write(json.dumps(row) + "\n")
             sink.flush()
             done.add(cell_key(row))
-            reporter.report(len(done), dice_slice=row["dice_slice"])
+            settled += 1
+            reporter.report(settled, dice_slice=row["dice_slice"])
             log.info("efficacy: %s", {k: row[k] for k in (*cell, "dice_slice", "dice_3d")})
 
-    quality = _quality(pairs, data, cfg, work_dir) if cfg.quality else {}
+    quality = _quality(pairs, data, cfg, work_dir, progress) if cfg.quality else {}
     expected = [c for c in grid if c["method"] not in failed]
     return build_report(
         rows, expected, cfg.to_dict(), data.summary(), quality, step_budget=budget, failed=failed
@@ -378,9 +382,14 @@ def run_efficacy(
 
 
 def _quality(
-    pairs: dict[str, np.ndarray], data: EfficacyData, cfg: EfficacyConfig, work_dir: Path
+    pairs: dict[str, np.ndarray],
+    data: EfficacyData,
+    cfg: EfficacyConfig,
+    work_dir: Path,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Quality metrics of each generator's pairs against the test patients' slices (cached as JSON)."""
+    """Quality metrics of each generator's pairs against the test patients' slices (cached as JSON);
+    a stage of its own in the progress (minutes with the VGG16 metrics on a CPU)."""
     path = work_dir / "quality.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
     if not len(data.heldout):
@@ -391,7 +400,10 @@ def _quality(
     except WeightsMissing:
         log.warning("VGG16 weights missing: LPIPS and the Frechet VGG16 distance are skipped")
     refs = {"real_train": data.generator_slices.slices.slices}
-    for name, synth in {**pairs, **refs}.items():
+    sets = {**pairs, **refs}
+    reporter = Reporter("quality", len(sets), "sets", progress, None)
+    for i, (name, synth) in enumerate(sets.items()):
+        reporter.report(i)
         if name in cached:
             continue
         train = None if name == "real_train" else data.generator_slices.slices.slices
@@ -406,6 +418,7 @@ def _quality(
         cached[name] = q
         with atomic_file(path, "w") as f:
             f.write(json.dumps(cached, indent=2, default=float))
+    reporter.report(len(sets))
     return cached
 
 

@@ -150,9 +150,12 @@ def plot_report(report: dict[str, Any], path: Path, metric: str = "dice_slice") 
 def report_markdown(report: dict[str, Any], *, paper: bool = False, title: str = "Efficacy") -> str:
     """The summary table (mean +- std [95 % CI] per cell), the verdicts and, for BraTS, the paper's numbers."""
     d, c = report["data"], report["config"]
-    lines = [
-        f"# {title}",
-        "",
+    lines = [f"# {title}", ""]
+    for method, why in report.get("failed_generators", {}).items():
+        lines.append(f"**Warning: {method} produced no pairs, so it was not evaluated** ({why}).")
+    if report.get("failed_generators"):
+        lines.append("")
+    lines += [
         f"Patients: train {', '.join(d['train_patients'])}; test {', '.join(d['test_patients'])}. "
         f"Generators see {d['generator_slices']} balanced tumour slices of the training patients; the U-Net "
         f"{d['unet_real_slices']} real tumour slices (+ N synthetic); tested on {d['test_tumour_slices']} "
@@ -196,8 +199,6 @@ def report_markdown(report: dict[str, Any], *, paper: bool = False, title: str =
         ]
         for method, vals in PAPER_BRATS.items():
             lines.append(f"| {method} | " + " | ".join(f"{v:.1f}" for v in vals.values()) + " |")
-    for method, why in report.get("failed_generators", {}).items():
-        lines.append(f"- {method}: no pairs ({why})")
     q = report.get("quality") or {}
     if q and "note" not in q:
         keys = ["psnr_db", "ssim", "lpips", "frechet_vgg16", "mask_area_js_bits"]

@@ -744,7 +744,7 @@ def _header(
     try:
         nii = nib.load(path)
     except Exception as exc:  # nibabel raises many types for corrupt files; all mean "unreadable"
-        problems.append(Problem(rel, f"unreadable NIfTI header: {exc}"))
+        problems.append(Problem(rel, f"unreadable NIfTI header: {_without_path(exc, path, rel)}"))
         return None
     if not isinstance(nii, nib.Nifti1Image | nib.Nifti2Image):
         problems.append(Problem(rel, f"not a NIfTI image ({type(nii).__name__})"))
@@ -796,6 +796,15 @@ def _header(
     return (spatial[0], spatial[1], spatial[2]), affine
 
 
+def _without_path(exc: BaseException, path: Path, rel: str) -> str:
+    """A library's error message with the file's server path replaced by its name inside the cohort
+    (nibabel and gzip name the absolute path; a user must never see where the server keeps files)."""
+    text = str(exc)
+    for form in (str(path), str(Path(path).resolve())):
+        text = text.replace(form, rel)
+    return text
+
+
 def _load_nifti(path: Path) -> nib.Nifti1Image:
     """A NIfTI-1 or -2 image whose header was already checked (:func:`_header_info`)."""
     nii = nib.load(path)
@@ -812,7 +821,12 @@ def _read_voxels(
         data = nii.dataobj[..., index] if index is not None else nii.dataobj[...]
         data = np.asarray(data)
     except Exception as exc:  # truncated gzip, short file, ...: "unreadable" is what the user needs
-        problems.append(Problem(rel, f"unreadable voxel data (truncated or corrupt file?): {exc}"))
+        where = Path(nii.get_filename() or rel)
+        problems.append(
+            Problem(
+                rel, f"unreadable voxel data (truncated or corrupt file?): {_without_path(exc, where, rel)}"
+            )
+        )
         return None
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]

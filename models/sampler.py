@@ -51,6 +51,21 @@ def max_draws(n: int, cfg: SamplingConfig) -> int:
     return max(cfg.min_draws, cfg.max_draws_factor * n)
 
 
+EARLY_STOP_DRAWS = 256  # least draws of this run before the acceptance seen so far can end it
+
+
+def reachable(accepted: int, n: int, draws: int, cap: int, first_draw: int, passed_here: int) -> bool:
+    """Can ``n`` still be reached within ``cap`` draws at the acceptance observed in this run?
+
+    Optimistic on purpose: the rate is (passes + 3) / draws (the "rule of three" upper bound when none
+    passed), so a generation is only stopped early when even that rate falls short."""
+    seen = draws - first_draw
+    if seen < EARLY_STOP_DRAWS:
+        return True
+    rate = (passed_here + 3) / seen
+    return accepted + rate * (cap - draws) >= n
+
+
 @torch.no_grad()
 def sample_pairs(
     model: Trainable,
@@ -71,6 +86,7 @@ def sample_pairs(
     floor = cfg.area_floor(image_size)
     cap = max_draws(n, cfg)
     accepted, b, passed = accepted_before, start_batch, passed_before
+    first_draw = start_batch * cfg.batch_size
     model.eval()
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -96,3 +112,12 @@ def sample_pairs(
                 accepted += 1
         b += 1
         yield BatchDone(b - 1, accepted, b * cfg.batch_size, passed)
+        if accepted < n and not reachable(
+            accepted, n, b * cfg.batch_size, cap, first_draw, passed - passed_before
+        ):
+            draws = b * cfg.batch_size
+            raise LowAcceptance(
+                f"only {accepted} of {n} pairs reached the mask-area floor of {floor} px after {draws} draws "
+                f"(acceptance {accepted / max(draws, 1):.1%}): at that rate {n} cannot be reached within "
+                f"the cap of {cap} draws. Train longer, or lower min_mask_area."
+            )

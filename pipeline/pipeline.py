@@ -276,6 +276,13 @@ def generate(
         ):
             if isinstance(item, BatchDone):
                 journal.record_batch(item.batch, item.accepted_total, item.passed_total, item.draws_total)
+                # a generation that rejects most draws still shows that it works, and how well
+                written = max(done, min(item.accepted_total // per_volume, spec.n_pairs))
+                reporter.report(
+                    written,
+                    draws=float(item.draws_total),
+                    acceptance=item.passed_total / max(item.draws_total, 1),
+                )
                 continue
             if item.index < first:
                 continue  # written before an interruption

@@ -18,6 +18,7 @@ disagrees with the record.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -131,6 +132,7 @@ class JobStore:
         cohort_id: str | None = None,
         model_id: str | None = None,
         progress: JobProgress | None = None,
+        warnings: list[str] | None = None,
     ) -> JobRecord:
         rec = JobRecord.new(
             job_id,
@@ -141,6 +143,7 @@ class JobStore:
             cohort_id=cohort_id,
             model_id=model_id,
             progress=progress,
+            warnings=warnings,
         )
         fields: dict[Any, Any] = rec.to_hash()  # redis-py's parameter types want its own key union
         with self.r.pipeline() as p:
@@ -207,6 +210,13 @@ class JobStore:
             job_id, {JobState.queued, JobState.running}, JobState.failed, {"error": error.model_dump_json()}
         )
 
+    def add_warnings(self, job_id: str, warnings: list[str]) -> None:
+        """Append warnings to a running job's record (they reach the SSE stream with the next event)."""
+        rec = self.get(job_id)
+        if rec is not None and warnings:
+            merged = json.dumps([*rec.warnings, *warnings])
+            self.update(job_id, {"warnings": merged}, allowed={JobState.running}, event="warning")
+
     def count_attempt(self, job_id: str) -> int:
         """One more delivery of the job has started running it; returns the count."""
         return int(self.r.hincrby(job_key(job_id), "attempts", 1))
@@ -217,6 +227,15 @@ class JobStore:
 
     def active_ids(self) -> list[str]:
         return sorted(_s(x) for x in self.r.smembers(ACTIVE_KEY))
+
+    def active_for(self, tenant: str) -> list[str]:
+        """The tenant's jobs that are queued or running."""
+        ids = self.active_ids()
+        with self.r.pipeline() as p:
+            for job_id in ids:
+                p.hget(job_key(job_id), "tenant")
+            owners = p.execute()
+        return [job_id for job_id, owner in zip(ids, owners, strict=True) if owner and _s(owner) == tenant]
 
     # ------------------------------------------------------------------ leases
     def acquire_lease(self, job_id: str, lease_s: float, wait_s: float = 0.0) -> str | None:

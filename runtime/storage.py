@@ -68,6 +68,17 @@ class LocalStorage:
             raise ValueError(f"unknown kind {kind!r}")
         return self.tenant_dir(tenant) / kind / check_id(obj_id)
 
+    def usage(self, tenant: str) -> int:
+        """Bytes the tenant stores now: every file of its folder (uploads in progress included)."""
+        total = 0
+        for folder, _dirs, names in os.walk(self.tenant_dir(tenant)):
+            for name in names:
+                try:
+                    total += os.lstat(os.path.join(folder, name)).st_size
+                except FileNotFoundError:  # removed while we walked
+                    continue
+        return total
+
     def cache_dir(self, tenant: str, cohort_id: str) -> Path:
         return self.tenant_dir(tenant) / "cache" / check_id(cohort_id)
 
@@ -112,8 +123,9 @@ class LocalStorage:
         """The folder holding a stored cohort's files."""
         return self.path(tenant, "cohorts", record.id) / record.root
 
-    def new_staging(self, tenant: str) -> Path:
-        staging = self.staging_dir(tenant) / uuid.uuid4().hex
+    def new_staging(self, tenant: str, name: str | None = None) -> Path:
+        """A new folder for an upload in progress (named ``name``, e.g. its job's id, or at random)."""
+        staging = self.staging_dir(tenant) / (check_id(name) if name else uuid.uuid4().hex)
         staging.mkdir(parents=True)
         return staging
 

@@ -4,6 +4,12 @@ Starts, unless ``DHVAE_REDIS_URL`` is set, an embedded Redis (the ``redis-server
 package ships, append-only persistence under ``$DHVAE_DATA_DIR/redis``), then one Celery worker and the
 API (uvicorn), prints the URL and a development API key, and stops everything it started on Ctrl-C.
 
+It supervises them: a child that dies (a worker killed with kill -9, a Redis that crashed) is started
+again, after 1 s, then 2, 4, ... up to 30 s while it keeps dying (back to 1 s once it has run for a
+minute), and each restart is logged. A restarted worker resumes the job it was running (its message
+goes back to the queue; training resumes from ``last.pt``, generation from the pairs on disk); a
+restarted Redis reloads its append-only file.
+
 The commands below are the ones docker-compose.yml runs and the integration tests start.
 """
 
@@ -16,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 API_ARGV = ["uvicorn", "service.main:create_app", "--factory"]  # + --host H --port P
@@ -107,6 +114,14 @@ def dev_api_key(data_dir: Path) -> str:
 
 
 def main() -> int:
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="run_service.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Settings: the DHVAE_* environment variables of .env.example (DHVAE_PORT, DHVAE_DATA_DIR, ...).",
+    ).parse_args()
     env = dict(os.environ)
     data_dir = Path(env.get("DHVAE_DATA_DIR", "data")).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -118,9 +133,11 @@ def main() -> int:
         env["DHVAE_API_KEYS"] = f"dev:{key}"
     bindir = Path(sys.executable).parent
     procs: list[tuple[str, subprocess.Popen]] = []
+    argvs: dict[str, list[str]] = {}
 
     def start(name: str, argv: list[str]) -> None:
         # own process group: Ctrl-C reaches only this script, which stops the children in order
+        argvs[name] = argv
         procs.append((name, subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True)))
 
     stopping = False
@@ -149,15 +166,64 @@ def main() -> int:
             print(f"  development API key (tenant 'dev'): {key}")
             print(f"  try:  curl -H 'Authorization: Bearer {key}' {url}/v1/jobs")
         print("  Ctrl-C stops everything.\n", flush=True)
+        supervisor = Supervisor(procs, argvs, env, lambda: stopping)
         while not stopping:
-            for name, p in procs:
-                if p.poll() is not None:
-                    print(f"{name} exited with {p.returncode}; stopping", file=sys.stderr)
-                    stopping = True
+            supervisor.check()
             time.sleep(0.2)
     finally:
         shutdown(procs)
     return 0
+
+
+class Supervisor:
+    """Restarts a child that died, with exponential backoff, and says so on stderr."""
+
+    FIRST_DELAY_S, MAX_DELAY_S, HEALTHY_S = 1.0, 30.0, 60.0
+
+    def __init__(
+        self,
+        procs: list[tuple[str, subprocess.Popen]],
+        argvs: dict[str, list[str]],
+        env: dict[str, str],
+        stopping: Callable[[], bool],
+    ) -> None:
+        self.procs, self.argvs, self.env, self.stopping = procs, argvs, env, stopping
+        self.delay = dict.fromkeys(argvs, self.FIRST_DELAY_S)
+        self.started = dict.fromkeys(argvs, time.monotonic())
+
+    def check(self) -> None:
+        for i, (name, p) in enumerate(self.procs):
+            if p.poll() is None:
+                continue
+            ran = time.monotonic() - self.started[name]
+            if ran > self.HEALTHY_S:
+                self.delay[name] = self.FIRST_DELAY_S
+            delay = self.delay[name]
+            log(f"{name} exited with {p.returncode} after {ran:.0f} s; restarting it in {delay:.0f} s")
+            _kill_group(p)  # a dead worker's pool children must not go on with its job
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline:
+                if self.stopping():
+                    return
+                time.sleep(0.1)
+            new = subprocess.Popen(self.argvs[name], cwd=ROOT, env=self.env, start_new_session=True)
+            self.procs[i] = (name, new)
+            self.started[name] = time.monotonic()
+            self.delay[name] = min(delay * 2, self.MAX_DELAY_S)
+            if name == "redis":
+                wait_for_redis(int(self.argvs[name][self.argvs[name].index("--port") + 1]))
+            log(f"{name} restarted (pid {new.pid})")
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} run_service: {message}", file=sys.stderr, flush=True)
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def shutdown(procs: list[tuple[str, subprocess.Popen]]) -> None:

@@ -15,7 +15,8 @@ from typing import Annotated
 
 import redis
 from celery import Celery
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
@@ -102,9 +103,18 @@ async def get_ctx(request: Request) -> Context:
     return request.app.state.ctx
 
 
-async def require_tenant(request: Request, ctx: Annotated[Context, Depends(get_ctx)]) -> str:
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    tenant = ctx.keys.tenant_for(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+# Declares the bearer scheme in the OpenAPI schema (``securitySchemes``); the check is ours.
+BEARER = HTTPBearer(
+    auto_error=False, description="An API key of DHVAE_API_KEYS: `Authorization: Bearer KEY`."
+)
+
+
+async def require_tenant(
+    ctx: Annotated[Context, Depends(get_ctx)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+) -> str:
+    key = credentials.credentials.strip() if credentials else ""
+    tenant = ctx.keys.tenant_for(key) if key else None
     if tenant is None:
         raise ApiError(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
     return tenant

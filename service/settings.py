@@ -21,11 +21,29 @@ class Settings(CommonSettings):
     max_compression_ratio: float = Field(
         1000.0, description="Largest per-entry compression ratio (entries over 1 MiB)."
     )
+    max_archive_ratio: float = Field(
+        200.0, description="Largest compression ratio of a whole cohort zip past 64 MiB (a real one: ~27)."
+    )
     max_archive_files: int = Field(20_000, description="Most entries a cohort zip may hold.")
+    tenant_quota_bytes: int = Field(
+        100 << 30,
+        description="Most bytes one tenant may store (cohorts, models, outputs, caches); 507 past it.",
+    )
     max_steps: int = Field(1_000_000, description="Largest `steps` a training may ask for.")
     max_pairs: int = Field(100_000, description="Largest `n_pairs` a generation may ask for.")
     max_evaluation_runs: int = Field(
         400, description="Most U-Net trainings one evaluation may ask for (its grid: N x seeds x protocols)."
+    )
+    max_json_bytes: int = Field(1 << 20, description="Largest JSON request body (413 past it).")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Longest pause while a request body is read (408 past it)."
+    )
+    drain_bytes: int = Field(
+        64 << 20,
+        description="Unread body bytes drained before an early 401/413, so that the client can read it.",
+    )
+    max_active_jobs: int = Field(
+        8, ge=1, description="Most queued or running jobs one tenant may have (429 with Retry-After past it)."
     )
     idempotency_ttl_s: int = Field(24 * 3600, description="How long an Idempotency-Key is remembered.")
     import_wait_s: float = Field(

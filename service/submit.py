@@ -6,7 +6,7 @@ import logging
 
 from fastapi.responses import JSONResponse
 
-from contract.records import ModelRecord
+from contract.records import JobRecord, ModelRecord
 from contract.schemas import (
     AugmentationRequest,
     AugmentTask,
@@ -15,6 +15,7 @@ from contract.schemas import (
     JobError,
     JobKind,
     JobProgress,
+    ModelStatus,
     TaskPayload,
     TrainingRequest,
     TrainTask,
@@ -28,7 +29,12 @@ log = logging.getLogger(__name__)
 
 DATASET_KINDS = {JobKind.generation, JobKind.augmentation}
 # What a POST that starts a job can answer besides 202 (and 422 for a bad body).
-SUBMIT_ERRORS: Responses = {code: {"model": ErrorOut} for code in (401, 404, 409, 503)}
+SUBMIT_ERRORS: Responses = {
+    404: {"model": ErrorOut, "description": "The cohort or model is not one of yours"},
+    409: {"model": ErrorOut, "description": "The model is not ready"},
+    429: {"model": ErrorOut, "description": "Too many of your jobs are queued or running (Retry-After)"},
+    503: {"model": ErrorOut, "description": "The job queue is unavailable (Retry-After)"},
+}
 
 
 def job_links(job_id: str, kind: JobKind, model_id: str | None = None) -> dict[str, str]:
@@ -54,8 +60,19 @@ def submit(
     progress: JobProgress,
     cohort_id: str | None = None,
     model_id: str | None = None,
+    warnings: list[str] | None = None,
 ) -> None:
-    """Record the job (queued), then enqueue it; 503 (and the job failed) if the broker is down."""
+    """Record the job (queued), then enqueue it; 503 (and the job failed) if the broker is down, 429
+    if the tenant already has ``max_active_jobs`` queued or running (work is shared between tenants by
+    this cap: one tenant cannot fill the queue ahead of the others)."""
+    active = len(ctx.jobs.active_for(payload.tenant))
+    if active >= ctx.settings.max_active_jobs:
+        raise ApiError(
+            429,
+            f"you have {active} jobs queued or running, the most this service runs for one tenant; "
+            "retry when one has finished, or cancel one",
+            headers={"Retry-After": "30"},
+        )
     ctx.jobs.create(
         payload.job_id,
         tenant=payload.tenant,
@@ -64,6 +81,7 @@ def submit(
         cohort_id=cohort_id,
         model_id=model_id,
         progress=progress,
+        warnings=warnings,
     )
     try:
         ctx.celery.send_task(
@@ -73,6 +91,20 @@ def submit(
         log.exception("could not enqueue %s", payload.job_id)
         ctx.jobs.fail(payload.job_id, JobError(type="QueueUnavailable", message=str(e)))
         raise ApiError(503, "the job queue is unavailable; retry later") from None
+
+
+def end_unstarted(ctx: Context, tenant: str, rec: JobRecord) -> None:
+    """A job cancelled while still queued never reaches a worker's cleanup: leave its model in a
+    terminal state, and nothing staged, here (a worker that gets its message later finds it cancelled)."""
+    if not rec.model_id:
+        return
+    if rec.kind == JobKind.model_import:
+        ctx.storage.delete(tenant, "models", rec.model_id)  # an import that never ran leaves no model
+        ctx.storage.remove_tree(tenant, ctx.storage.staging_dir(tenant) / rec.id)
+    elif rec.kind in (JobKind.training, JobKind.augmentation):
+        model = ctx.storage.read(tenant, ModelRecord, rec.model_id)
+        if model is not None and model.status == ModelStatus.training:
+            ctx.storage.update_model(tenant, rec.model_id, status=ModelStatus.cancelled)
 
 
 def accepted(job_id: str, kind: JobKind, model_id: str | None = None) -> JSONResponse:
@@ -101,14 +133,18 @@ def submit_model_job(
     request = body.model_dump()
     described = {k: v for k, v in request.items() if k in ModelRecord.model_fields}
     create_model_record(ctx, tenant, model_id, source="training", job_id=job_id, **described)
-    submit(
-        ctx,
-        task=task,
-        kind=kind,
-        payload=payload_cls(job_id=job_id, tenant=tenant, model_id=model_id, **request),
-        request=request,
-        progress=JobProgress(total=body.steps, unit="steps", stage="queued"),
-        cohort_id=body.cohort_id,
-        model_id=model_id,
-    )
+    try:
+        submit(
+            ctx,
+            task=task,
+            kind=kind,
+            payload=payload_cls(job_id=job_id, tenant=tenant, model_id=model_id, **request),
+            request=request,
+            progress=JobProgress(total=body.steps, unit="steps", stage="queued"),
+            cohort_id=body.cohort_id,
+            model_id=model_id,
+        )
+    except ApiError:  # no job will ever fill the reserved model: it goes too
+        ctx.storage.delete(tenant, "models", model_id)
+        raise
     return accepted(job_id, kind, model_id)

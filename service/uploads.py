@@ -47,7 +47,20 @@ def limits(settings: Settings) -> ArchiveLimits:
         max_files=settings.max_archive_files,
         max_uncompressed_bytes=settings.max_uncompressed_bytes,
         max_ratio=settings.max_compression_ratio,
+        max_archive_ratio=settings.max_archive_ratio,
     )
+
+
+def room_left(storage: LocalStorage, settings: Settings, tenant: str) -> int:
+    """Bytes the tenant may still store under ``DHVAE_TENANT_QUOTA_BYTES``; 507 when none is left."""
+    room = settings.tenant_quota_bytes - storage.usage(tenant)
+    if room <= 0:
+        raise ApiError(
+            507,
+            f"your storage quota of {settings.tenant_quota_bytes} bytes is used up; delete cohorts, models "
+            "or job outputs you no longer need",
+        )
+    return room
 
 
 def ingest_cohort(
@@ -65,7 +78,8 @@ def ingest_cohort(
     try:
         files.mkdir()
         try:
-            size = extract_zip(zip_path, files, limits(settings))
+            room = room_left(storage, settings, tenant) + zip_path.stat().st_size  # the zip goes after
+            size = extract_zip(zip_path, files, limits(settings), room=room)
         except ArchiveError as e:
             raise ApiError(e.status, "archive rejected", e.problems) from None
         zip_path.unlink()
@@ -92,4 +106,12 @@ def validate_cohort(root: Path, cache_dir: Path) -> dict:
         cache_dir.mkdir(parents=True, exist_ok=True)
         return ingest(root, cache_dir=cache_dir).summary
     except CohortError as e:
-        raise ApiError(422, "cohort rejected", [(p.file, p.problem) for p in e.problems]) from None
+        problems = [(scrub(p.file, root), scrub(p.problem, root)) for p in e.problems]
+        raise ApiError(422, "cohort rejected", problems) from None
+
+
+def scrub(text: str, root: Path) -> str:
+    """Never show a server path: the upload's folder becomes nothing (paths are relative to the zip)."""
+    for form in {str(root.resolve()), str(root)}:
+        text = text.replace(form + "/", "").replace(form, "<upload>")
+    return text

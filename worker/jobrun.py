@@ -44,6 +44,7 @@ class JobContext:
     progress: Callable[[Any], None]
     should_stop: Callable[[], bool]
     settings: WorkerSettings
+    warn: Callable[[list[str]], None] = lambda warnings: None
 
 
 _store: JobStore | None = None
@@ -133,6 +134,10 @@ class _Progress:
         return self._cancel
 
 
+def _no_progress(_: Any) -> None:
+    pass
+
+
 def run_job(
     job_id: str,
     tenant: str,
@@ -154,6 +159,13 @@ def run_job(
         return
     if rec.state in TERMINAL_STATES:
         log.info("job %s already %s: nothing to do", job_id, rec.state.value)
+        if rec.state == JobState.cancelled:  # cancelled while queued: its cleanup is idempotent
+            cleanup(
+                JobContext(
+                    job_id, tenant, LocalStorage(settings.data_dir), _no_progress, lambda: False, settings
+                ),
+                rec.state,
+            )
         return
     token = _patiently(
         lambda: jobs.acquire_lease(job_id, settings.job_lease_s, wait_s=settings.job_lease_s * 1.5),
@@ -166,7 +178,13 @@ def run_job(
     heartbeat.start()
     progress = _Progress(jobs, job_id, settings.progress_interval_s)
     ctx = JobContext(
-        job_id, tenant, LocalStorage(settings.data_dir), progress, progress.should_stop, settings
+        job_id,
+        tenant,
+        LocalStorage(settings.data_dir),
+        progress,
+        progress.should_stop,
+        settings,
+        warn=lambda warnings: _patiently(lambda: jobs.add_warnings(job_id, warnings), "record warnings"),
     )
     try:
         rec = _patiently(lambda: jobs.get(job_id), "read job")

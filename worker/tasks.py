@@ -191,13 +191,17 @@ def evaluate(payload: dict) -> None:
             pretrained={req.model: str(_model_checkpoint(ctx, req.model_id))} if req.model_id else {},
             segmenter=segmenter_config(channels=UNET_WIDTHS[req.unet], epochs=req.unet_epochs),
         )
-        grid.evaluate_cohort(
+        report = grid.evaluate_cohort(
             grid.split_cohort(ing, seed=req.split_seed, test_fraction=req.test_fraction),
             cfg,
             ctx.storage.path(ctx.tenant, "outputs", req.job_id),
             details={"cohort_id": req.cohort_id, "model_id": req.model_id},
             progress=ctx.progress,
             should_stop=ctx.should_stop,
+        )
+        failed = report.get("failed_generators") or {}
+        ctx.warn(
+            [f"{method} produced no pairs, so it was not evaluated: {why}" for method, why in failed.items()]
         )
 
     run_job(req.job_id, req.tenant, body, lambda ctx, state: _remove_output(ctx))

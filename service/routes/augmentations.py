@@ -10,11 +10,12 @@ from fastapi.responses import JSONResponse
 from contract import tasks
 from contract.schemas import AugmentationRequest, AugmentTask, JobAccepted, JobKind
 from service.deps import Ctx, Tenant
+from service.errors import AUTHED
 from service.idempotency import fingerprint
 from service.lookups import check_max
 from service.submit import SUBMIT_ERRORS, submit_model_job
 
-router = APIRouter(prefix="/v1/augmentations", tags=["augmentations"])
+router = APIRouter(prefix="/v1/augmentations", tags=["augmentations"], responses=AUTHED)
 
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=SUBMIT_ERRORS)

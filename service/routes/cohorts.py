@@ -12,11 +12,11 @@ from contract.records import CohortRecord
 from contract.schemas import ID_PATTERN, TERMINAL_STATES, CohortList, CohortOut, ErrorOut
 from runtime.storage import new_id
 from service.deps import Ctx, Tenant
-from service.errors import ApiError, Responses, not_found
+from service.errors import AUTHED, ApiError, Responses, not_found
 from service.lookups import require_cohort
 from service.uploads import ZIP_TYPES, ingest_cohort, stream_to_file
 
-router = APIRouter(prefix="/v1/cohorts", tags=["cohorts"])
+router = APIRouter(prefix="/v1/cohorts", tags=["cohorts"], responses=AUTHED)
 CohortId = Annotated[str, Path(pattern=ID_PATTERN)]
 
 # Validation reads and resamples every volume: a CPU-bound step, at most this many at once.
@@ -27,6 +27,7 @@ ERRORS: Responses = {
     413: {"model": ErrorOut, "description": "Body or extracted size past the limits"},
     415: {"model": ErrorOut},
     422: {"model": ErrorOut, "description": "Bad archive or cohort: a list of {file, problem}"},
+    507: {"model": ErrorOut, "description": "Your storage quota (DHVAE_TENANT_QUOTA_BYTES) is used up"},
 }
 
 

@@ -11,12 +11,40 @@ from contract import tasks
 from contract.schemas import EvaluateTask, EvaluationRequest, JobAccepted, JobKind, JobProgress
 from runtime.storage import new_id
 from service.deps import Ctx, Tenant
-from service.errors import ApiError
+from service.errors import AUTHED, ApiError
 from service.idempotency import fingerprint
 from service.lookups import check_max, require_cohort, require_model
 from service.submit import SUBMIT_ERRORS, accepted, submit
 
-router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
+router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"], responses=AUTHED)
+MIN_TRAIN_PATIENTS, MIN_TEST_PATIENTS = 2, 2  # below these an evaluation runs, with a warning
+
+
+def split_warnings(n_patients: int, test_fraction: float) -> list[str]:
+    """422 for a cohort that cannot be split by patient; warnings for a split too small to mean much.
+
+    The split sizes are the engine's (``efficacy.segmenter.patient_split``: rounded, at least one
+    patient on each side)."""
+    if n_patients < 2:
+        raise ApiError(
+            422,
+            f"the cohort has {n_patients} patient: an evaluation tests on patients the generator never saw, "
+            "so it needs at least 2 (better 6 or more)",
+        )
+    n_test = min(max(1, round(test_fraction * n_patients)), n_patients - 1)
+    n_train = n_patients - n_test
+    warnings = []
+    if n_train < MIN_TRAIN_PATIENTS:
+        warnings.append(
+            f"only {n_train} training patient(s): the generator and the U-Net learn from one patient's "
+            "anatomy; the result says little about a larger cohort"
+        )
+    if n_test < MIN_TEST_PATIENTS:
+        warnings.append(
+            f"only {n_test} test patient(s) of {n_patients}: the Dice intervals describe the seeds, not "
+            "patients; treat the result as a smoke test"
+        )
+    return warnings
 
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=SUBMIT_ERRORS)
@@ -34,7 +62,7 @@ def create_evaluation(
         for n in body.n_pairs:
             check_max(n, ctx.settings.max_pairs, "n_pairs")
         check_max(body.n_runs(), ctx.settings.max_evaluation_runs, "U-Net runs (N x seeds x protocols)")
-        require_cohort(ctx, tenant, body.cohort_id)
+        cohort = require_cohort(ctx, tenant, body.cohort_id)
         generator: str = body.model
         if body.model_id:
             model = require_model(ctx, tenant, body.model_id)
@@ -47,6 +75,7 @@ def create_evaluation(
             generator = model.model or "dhvae"
         else:
             check_max(body.steps, ctx.settings.max_steps, "steps")
+        warnings = split_warnings(len(cohort.cases), body.test_fraction)
         job_id = new_id("job")
         request = body.model_dump()
         payload = EvaluateTask(
@@ -69,6 +98,7 @@ def create_evaluation(
             progress=JobProgress(total=body.n_runs(), unit="runs", stage="queued"),
             cohort_id=body.cohort_id,
             model_id=body.model_id,
+            warnings=warnings,
         )
         return accepted(job_id, JobKind.evaluation)
 

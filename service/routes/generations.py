@@ -11,11 +11,12 @@ from contract import tasks
 from contract.schemas import GenerateTask, GenerationRequest, JobAccepted, JobKind, JobProgress
 from runtime.storage import new_id
 from service.deps import Ctx, Tenant
+from service.errors import AUTHED
 from service.idempotency import fingerprint
 from service.lookups import check_max, require_model
 from service.submit import SUBMIT_ERRORS, accepted, submit
 
-router = APIRouter(prefix="/v1/generations", tags=["generations"])
+router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=AUTHED)
 
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=SUBMIT_ERRORS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated, Any
 
 import anyio
@@ -16,13 +17,14 @@ from contract.schemas import ID_PATTERN, TERMINAL_STATES, ErrorOut, JobKind, Job
 from runtime.jobs import aget, events_key, read_event
 from service.dataset import preview_png, stream_dataset
 from service.deps import Context, Ctx, Tenant
-from service.errors import ApiError, Responses, not_found
-from service.submit import DATASET_KINDS, job_links
+from service.errors import AUTHED, ApiError, Responses, not_found
+from service.submit import DATASET_KINDS, end_unstarted, job_links
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=AUTHED)
 JobId = Annotated[str, Path(pattern=ID_PATTERN)]
 NOT_FOUND: Responses = {404: {"model": ErrorOut}}
+STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")  # a Redis stream entry id, as our events carry
 
 
 def _record(ctx: Context, tenant: str, job_id: str) -> JobRecord:
@@ -59,6 +61,8 @@ def cancel_job(job_id: JobId, ctx: Ctx, tenant: Tenant) -> JobOut:
     if rec.state in TERMINAL_STATES:
         raise ApiError(409, f"job {job_id} already {rec.state.value}")
     rec = ctx.jobs.request_cancel(job_id) or rec
+    if rec.state == JobState.cancelled:  # it was still queued
+        end_unstarted(ctx, tenant, rec)
     return job_out(rec)
 
 
@@ -76,6 +80,12 @@ async def job_events(
     (or after ``Last-Event-ID``) to its final state, then the stream ends."""
     if await aget(ctx.aredis, job_id, tenant) is None:
         raise not_found("job", job_id)
+    if last_event_id is not None and not STREAM_ID.fullmatch(last_event_id):
+        raise ApiError(
+            422,
+            "Last-Event-ID must be the id of an event of this stream (MILLISECONDS-SEQUENCE)",
+            [("Last-Event-ID", "not a stream id")],
+        )
     return EventSourceResponse(_events(ctx, job_id, last_event_id or "0-0"), ping=15)
 
 

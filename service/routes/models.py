@@ -24,12 +24,12 @@ from contract.schemas import (
 from runtime.jobs import aget
 from runtime.storage import new_id
 from service.deps import Ctx, Tenant
-from service.errors import ApiError, error_body
+from service.errors import AUTHED, ApiError, error_body
 from service.lookups import create_model_record, require_model
 from service.submit import accepted, submit
 from service.uploads import stream_to_file
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=AUTHED)
 ModelId = Annotated[str, Path(pattern=ID_PATTERN)]
 TORCH_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format is a zip archive
 
@@ -73,7 +73,8 @@ async def import_model(
     it against the known configurations (the API itself never loads torch)."""
 
     async def handler() -> Response:
-        staging = ctx.storage.new_staging(tenant)
+        job_id, model_id = new_id("job"), new_id("mdl")
+        staging = ctx.storage.new_staging(tenant, job_id)  # the job's id: a cancel knows what to remove
         handed_over = False
         try:
             upload = staging / "checkpoint.pt"
@@ -85,7 +86,6 @@ async def import_model(
                         "not a PyTorch checkpoint",
                         [("<upload>", "expected a torch.save file (a zip archive)")],
                     )
-            job_id, model_id = new_id("job"), new_id("mdl")
             create_model_record(ctx, tenant, model_id, source="import", job_id=job_id)
             payload = ImportTask(
                 job_id=job_id,

@@ -10,10 +10,11 @@ from fastapi.responses import JSONResponse
 from contract import tasks
 from contract.schemas import JobAccepted, JobKind, TrainingRequest, TrainTask
 from service.deps import Ctx, Tenant
+from service.errors import AUTHED
 from service.idempotency import fingerprint
 from service.submit import SUBMIT_ERRORS, submit_model_job
 
-router = APIRouter(prefix="/v1/trainings", tags=["trainings"])
+router = APIRouter(prefix="/v1/trainings", tags=["trainings"], responses=AUTHED)
 
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=SUBMIT_ERRORS)

@@ -44,6 +44,7 @@ def settings(tmp_path, redis_url):
         import_wait_s=0.5,
         download_poll_s=0.05,
         ready_timeout_s=0.3,
+        body_timeout_s=3.0,
     )
 
 
@@ -94,3 +95,11 @@ def brats_zip() -> bytes:
             if p.is_file() and (p.name.startswith("Flair") or p.name.startswith("OTMultiClass")):
                 zf.write(p, "train/" + p.relative_to(SHARED_TRAIN).as_posix())
     return buf.getvalue()
+
+
+@pytest.fixture
+def cohort_id(client, phantom_zip) -> str:
+    """A phantom cohort (2 patients) uploaded for tenant-a."""
+    r = client.post("/v1/cohorts", content=phantom_zip, headers={**A, "Content-Type": "application/zip"})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]

@@ -184,13 +184,6 @@ def test_wrong_content_type_is_415(client):
 
 
 # ---------------------------------------------------------------------------------------------- jobs
-@pytest.fixture
-def cohort_id(client, phantom_zip) -> str:
-    r = upload(client, phantom_zip)
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
 def test_training_is_queued_by_task_name(client, settings, cohort_id):
     r = client.post(
         "/v1/trainings", json={"cohort_id": cohort_id, "preset": "tiny", "steps": 3, "seed": 1}, headers=A

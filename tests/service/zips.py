@@ -36,9 +36,9 @@ def encrypted_zip() -> bytes:
     return bytes(data)
 
 
-def bomb_zip(size: int = 4 << 20) -> bytes:
-    """One entry of zeros, bzip2: a ratio in the hundreds of thousands."""
-    return make_zip([("case/flair.nii", b"\x00" * size)], compression=zipfile.ZIP_BZIP2)
+def bomb_zip(size: int = 8 << 20) -> bytes:
+    """One entry of zeros, deflate at its highest ratio (~1030:1)."""
+    return make_zip([("case/flair.nii", b"\x00" * size)], compression=zipfile.ZIP_DEFLATED)
 
 
 def overlapping_zip() -> bytes:
@@ -58,3 +58,23 @@ def nested_zip() -> bytes:
 def disguised_nested_zip() -> bytes:
     inner = make_zip([("x.nii.gz", NIFTI_GZ)])
     return make_zip([("case/flair.nii.gz", inner)])
+
+
+def streamed_zip(name: str, size: int, compression: int, *, sparse_every: int = 0) -> bytes:
+    """One entry of ``size`` zero bytes (a random byte every ``sparse_every`` bytes when given, to set
+    the ratio), written through zipfile's streaming writer: nothing of ``size`` is held in memory."""
+    import random
+
+    rnd = random.Random(0)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf, zf.open(name, "w", force_zip64=True) as out:
+        chunk = bytearray(1 << 20)
+        written = 0
+        while written < size:
+            block = chunk[: min(len(chunk), size - written)]
+            if sparse_every:
+                for i in range(0, len(block), sparse_every):
+                    block[i] = rnd.randrange(256)
+            out.write(bytes(block))
+            written += len(block)
+    return buf.getvalue()

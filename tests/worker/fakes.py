@@ -3,6 +3,7 @@ worker tests. ``tests/worker/test_tasks.py`` checks that its methods have the re
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Mapping
 
@@ -28,6 +29,7 @@ class FakeJobStore:
         cohort_id: str | None = None,
         model_id: str | None = None,
         progress: JobProgress | None = None,
+        warnings: list[str] | None = None,
     ) -> JobRecord:
         rec = JobRecord.new(
             job_id,
@@ -38,6 +40,7 @@ class FakeJobStore:
             cohort_id=cohort_id,
             model_id=model_id,
             progress=progress,
+            warnings=warnings,
         )
         self.records[job_id] = rec.to_hash()
         self.events[job_id] = [{"event": "state", **rec.to_hash()}]
@@ -90,6 +93,12 @@ class FakeJobStore:
         return self.transition(
             job_id, {JobState.queued, JobState.running}, JobState.failed, {"error": error.model_dump_json()}
         )
+
+    def add_warnings(self, job_id: str, warnings: list[str]) -> None:
+        rec = self.get(job_id)
+        if rec is not None and warnings:
+            merged = json.dumps([*rec.warnings, *warnings])
+            self.update(job_id, {"warnings": merged}, allowed={JobState.running}, event="warning")
 
     def count_attempt(self, job_id: str) -> int:
         rec = self.records[job_id]
