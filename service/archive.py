@@ -173,8 +173,9 @@ def _data_start(raw: BinaryIO, info: zipfile.ZipInfo) -> int:
 
 
 def _inflate(raw: BinaryIO, info: zipfile.ZipInfo) -> Iterator[tuple[bytes, int]]:
-    """``(decompressed chunk of at most CHUNK bytes, compressed bytes consumed so far)`` of one entry;
-    the CRC-32 is checked once the entry ends."""
+    """``(decompressed chunk of at most CHUNK bytes, compressed bytes used so far)`` of one entry; the
+    CRC-32 is checked once the entry ends. "Used" excludes input read but not yet inflated, so a ratio
+    computed from it is exact to the chunk, however well the entry compresses."""
     raw.seek(_data_start(raw, info))
     left, consumed, crc = info.compress_size, 0, 0
     inflater = zlib.decompressobj(-zlib.MAX_WBITS) if info.compress_type == zipfile.ZIP_DEFLATED else None
@@ -193,7 +194,9 @@ def _inflate(raw: BinaryIO, info: zipfile.ZipInfo) -> Iterator[tuple[bytes, int]
             raise _bad(info.filename, f"corrupt deflate data ({e})") from None
         if out:
             crc = zlib.crc32(out, crc)
-            yield out, consumed
+            # compressed bytes the inflater actually used: what was read less what still waits
+            used = consumed - (len(inflater.unconsumed_tail) if inflater is not None else 0)
+            yield out, used
         if inflater is not None and inflater.eof:
             break
     if inflater is not None and not inflater.eof:

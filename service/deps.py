@@ -28,6 +28,7 @@ from runtime.storage import LocalStorage, check_tenant
 from service.errors import ApiError
 from service.idempotency import Idempotency
 from service.settings import Settings
+from service.uploads import ValidationPool
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Context:
     celery: Celery
     keys: KeyRing
     idempotency: Idempotency
+    validation: ValidationPool
 
     @classmethod
     def build(cls, settings: Settings) -> Context:
@@ -96,6 +98,7 @@ class Context:
             celery=celery,
             keys=keys,
             idempotency=Idempotency(client, settings.idempotency_ttl_s),
+            validation=ValidationPool(settings.validation_slots, settings.validation_deadline_s),
         )
 
 

@@ -42,6 +42,12 @@ class Settings(CommonSettings):
         64 << 20,
         description="Unread body bytes drained before an early 401/413, so that the client can read it.",
     )
+    validation_slots: int = Field(
+        2, ge=1, description="Uploads validated at once over all tenants (one at a time per tenant)."
+    )
+    validation_deadline_s: float = Field(
+        600.0, gt=0, description="Longest extraction + validation of one upload (422 past it)."
+    )
     max_active_jobs: int = Field(
         8, ge=1, description="Most queued or running jobs one tenant may have (429 with Retry-After past it)."
     )

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
+import anyio
 from fastapi import Request
 
 from contract.records import CohortRecord
 from runtime.jobs import now_iso
 from runtime.storage import LocalStorage
-from service.archive import ArchiveError, ArchiveLimits, extract_zip
+from service.archive import UPLOAD, ArchiveError, ArchiveLimits, extract_zip
 from service.errors import ApiError
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ZIP_TYPES = ("application/zip", "application/x-zip-compressed", "application/octet-stream")
 
@@ -63,8 +68,43 @@ def room_left(storage: LocalStorage, settings: Settings, tenant: str) -> int:
     return room
 
 
+class ValidationPool:
+    """Where uploads are validated: at most ``slots`` at once over all tenants and one at a time per
+    tenant, so one tenant's uploads (or one slow archive) never hold every slot, and each upload has
+    its own deadline (checked between archive chunks and between cases)."""
+
+    def __init__(self, slots: int, deadline_s: float):
+        self.slots = anyio.CapacityLimiter(slots)
+        self.per_tenant: dict[str, anyio.CapacityLimiter] = {}
+        self.deadline_s = deadline_s
+
+    async def run(self, tenant: str, fn: Callable[..., T], *args: Any) -> T:
+        mine = self.per_tenant.setdefault(tenant, anyio.CapacityLimiter(1))
+        async with mine, self.slots:
+            return await anyio.to_thread.run_sync(fn, *args)
+
+    def deadline(self) -> Callable[[], None]:
+        """A check that raises 422 once this upload's validation has run for ``deadline_s``."""
+        end = time.monotonic() + self.deadline_s
+
+        def check() -> None:
+            if time.monotonic() > end:
+                raise ApiError(
+                    422,
+                    f"validating the cohort took longer than {self.deadline_s:g} s; upload fewer or smaller cases",
+                    [(UPLOAD, "validation deadline exceeded")],
+                )
+
+        return check
+
+
 def ingest_cohort(
-    storage: LocalStorage, settings: Settings, tenant: str, cohort_id: str, zip_path: Path
+    storage: LocalStorage,
+    settings: Settings,
+    tenant: str,
+    cohort_id: str,
+    zip_path: Path,
+    deadline: Callable[[], None] | None = None,
 ) -> CohortRecord:
     """Extract, validate and store a cohort; return its record. Leaves nothing behind on error.
 
@@ -79,11 +119,11 @@ def ingest_cohort(
         files.mkdir()
         try:
             room = room_left(storage, settings, tenant) + zip_path.stat().st_size  # the zip goes after
-            size = extract_zip(zip_path, files, limits(settings), room=room)
+            size = extract_zip(zip_path, files, limits(settings), room=room, deadline=deadline)
         except ArchiveError as e:
             raise ApiError(e.status, "archive rejected", e.problems) from None
         zip_path.unlink()
-        summary = validate_cohort(files, cache)
+        summary = validate_cohort(files, cache, deadline)
         storage.commit(tenant, "cohorts", cohort_id, staging)
         record = CohortRecord.model_validate(
             {**summary, "id": cohort_id, "root": files.name, "size_bytes": size, "created_at": now_iso()}
@@ -96,7 +136,7 @@ def ingest_cohort(
         raise
 
 
-def validate_cohort(root: Path, cache_dir: Path) -> dict:
+def validate_cohort(root: Path, cache_dir: Path, deadline: Callable[[], None] | None = None) -> dict:
     """The engine's header and voxel validation (torch-free ``imaging.ingest``, the step every training
     starts with; its cache is keyed by file contents, so the worker reuses it); 422 with every problem."""
     from imaging.errors import CohortError
@@ -104,7 +144,8 @@ def validate_cohort(root: Path, cache_dir: Path) -> dict:
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        return ingest(root, cache_dir=cache_dir).summary
+        progress = (lambda _p: deadline()) if deadline is not None else None
+        return ingest(root, cache_dir=cache_dir, progress=progress).summary
     except CohortError as e:
         problems = [(scrub(p.file, root), scrub(p.problem, root)) for p in e.problems]
         raise ApiError(422, "cohort rejected", problems) from None

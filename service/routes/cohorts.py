@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import anyio
 from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -19,8 +18,6 @@ from service.uploads import ZIP_TYPES, ingest_cohort, stream_to_file
 router = APIRouter(prefix="/v1/cohorts", tags=["cohorts"], responses=AUTHED)
 CohortId = Annotated[str, Path(pattern=ID_PATTERN)]
 
-# Validation reads and resamples every volume: a CPU-bound step, at most this many at once.
-_VALIDATION_SLOTS = anyio.CapacityLimiter(1)
 
 ERRORS: Responses = {
     401: {"model": ErrorOut},
@@ -64,10 +61,10 @@ async def upload_cohort(
             zip_path = staging / "upload.zip"
             await stream_to_file(request, zip_path, ctx.settings.max_upload_bytes)
             cohort_id = new_id("coh")
-            async with _VALIDATION_SLOTS:
-                record = await anyio.to_thread.run_sync(
-                    ingest_cohort, ctx.storage, ctx.settings, tenant, cohort_id, zip_path
-                )
+            pool = ctx.validation  # reads and resamples every volume: CPU-bound, bounded, with a deadline
+            record = await pool.run(
+                tenant, ingest_cohort, ctx.storage, ctx.settings, tenant, cohort_id, zip_path, pool.deadline()
+            )
         finally:
             if staging.exists():
                 ctx.storage.remove_tree(tenant, staging)

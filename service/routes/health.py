@@ -11,7 +11,7 @@ router = APIRouter(prefix="/health", tags=["health"])
 
 
 @router.get("/live")
-def live() -> dict[str, str]:
+async def live() -> dict[str, str]:  # async: answered on the event loop, never queued behind a thread
     return {"status": "ok"}
 
 

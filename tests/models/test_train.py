@@ -113,6 +113,7 @@ def test_loss_decreases_on_tiny_data(tmp_path):
     assert sum(seen[-5:]) / 5 < 0.8 * sum(seen[:5]) / 5
 
 
+@pytest.mark.slow  # a subprocess or seconds of training: CI runs it (make test)
 def test_same_seed_same_weights(tmp_path):
     a = train_tiny(tmp_path / "a", 6)
     b = train_tiny(tmp_path / "b", 6)

@@ -104,6 +104,32 @@ def test_low_acceptance_is_a_clear_error(trained, tmp_path):
         pipeline.generate(ckpt, SampleSpec(2, seed=1, min_mask_area=64 * 64), out_dir=tmp_path, device="cpu")
 
 
+def test_an_unreachable_n_fails_early_and_its_progress_shows_the_draws(trained, tmp_path):
+    """A floor nothing reaches: the generation stops once even an optimistic rate cannot give N within
+    the cap (50 * N draws), long before the cap, and its progress reported the draws meanwhile."""
+    from models.sampler import EARLY_STOP_DRAWS, max_draws
+
+    _, _, _, ckpt = trained
+    seen = []
+    spec = SampleSpec(200, seed=1, min_mask_area=64 * 64)
+    with pytest.raises(LowAcceptance, match="cannot be reached within the cap") as err:
+        pipeline.generate(ckpt, spec, out_dir=tmp_path, device="cpu", progress=seen.append)
+    draws = [p.metrics["draws"] for p in seen if "draws" in p.metrics]
+    assert (
+        draws
+        and draws == sorted(draws)
+        and all(p.metrics["acceptance"] == 0 for p in seen if "draws" in p.metrics)
+    )
+    cap = max_draws(200, load_sampling(ckpt))
+    assert EARLY_STOP_DRAWS <= draws[-1] < cap / 4, (draws[-1], cap, str(err.value))
+
+
+def load_sampling(ckpt):
+    from models.checkpoint import load_checkpoint
+
+    return load_checkpoint(ckpt)["config_obj"].sampling
+
+
 def test_augment_writes_real_and_synthetic(trained, tmp_path):
     root, cohort, _, _ = trained
     r = pipeline.augment(
@@ -183,6 +209,7 @@ def test_cli_augment_on_real_brats(tmp_path):
             assert mask.shape == (128, 128, 1) and mask.sum() >= 200
 
 
+@pytest.mark.slow  # a subprocess or seconds of training: CI runs it (make test)
 def test_cli_reports_bad_cohort_cleanly(tmp_path):
     (tmp_path / "case1").mkdir()
     (tmp_path / "case1" / "flair.nii.gz").write_bytes(b"not a nifti")
@@ -197,6 +224,7 @@ def test_cli_reports_bad_cohort_cleanly(tmp_path):
     assert "case1/flair.nii.gz" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a subprocess or seconds of training: CI runs it (make test)
 def test_presets_json():
     proc = subprocess.run(
         [str(REPO / ".venv/bin/dhvae"), "presets", "--json"], capture_output=True, text=True, timeout=120

@@ -44,7 +44,7 @@ def settings(tmp_path, redis_url):
         import_wait_s=0.5,
         download_poll_s=0.05,
         ready_timeout_s=0.3,
-        body_timeout_s=3.0,
+        body_timeout_s=1.0,
     )
 
 
