@@ -332,6 +332,8 @@ def run_efficacy(
             log.warning("efficacy: %s produced too few pairs: %s", method, e)
             failed[method] = str(e)
 
+    # the pairs' quality before the U-Nets: the grid's runs are the job's last and longest stage
+    quality = _quality(pairs, data, cfg, work_dir, progress) if cfg.quality else {}
     budget = step_matched_steps(len(data.real_train), cfg.n_max, cfg.segmenter)
     rows_path = work_dir / "rows.jsonl"
     rows = read_rows(rows_path)
@@ -374,7 +376,6 @@ def run_efficacy(
             reporter.report(settled, dice_slice=row["dice_slice"])
             log.info("efficacy: %s", {k: row[k] for k in (*cell, "dice_slice", "dice_3d")})
 
-    quality = _quality(pairs, data, cfg, work_dir, progress) if cfg.quality else {}
     expected = [c for c in grid if c["method"] not in failed]
     return build_report(
         rows, expected, cfg.to_dict(), data.summary(), quality, step_budget=budget, failed=failed

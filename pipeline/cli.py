@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from imaging.errors import DHVAEError
+from imaging import __version__
+from imaging.errors import CohortError, DHVAEError
 from models.config import PRESETS
 from models.registry import DEFAULT, GENERATORS, TRAINED
 
@@ -36,7 +37,7 @@ class ProgressBar:
         if p.stage != self.stage:
             self.close()
             self.stage = p.stage
-            self.bar = tqdm(total=p.total, initial=p.done, unit=f" {p.unit}", desc=p.stage, file=sys.stderr)
+            self.bar = tqdm(total=p.total, initial=p.done, unit=p.unit, desc=p.stage, file=sys.stderr)
         self.bar.n = p.done
         keys = ("loss", "hvae", "rec", "lambda", "disc", "slices_per_s")
         post = {k: f"{p.metrics[k]:.4g}" for k in keys if k in p.metrics}
@@ -82,7 +83,7 @@ def _train_args(p: argparse.ArgumentParser, models: tuple[str, ...]) -> None:
     p.add_argument(
         "--model", default=DEFAULT, choices=models, help="generator: the dHVAE (default) or a baseline"
     )
-    p.add_argument("--preset", default="small", help="paper | small | tiny (see `dhvae presets`)")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="see `dhvae presets`")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-model", type=Path, help="checkpoint to fine-tune from")
@@ -100,35 +101,58 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dhvae", description="Discriminative Hamiltonian VAE data augmentation"
+        prog="dhvae",
+        description="Discriminative Hamiltonian VAE data augmentation",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does (INFO)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("ingest", help="validate and preprocess a cohort; print its summary")
+    p = sub.add_parser(
+        "ingest",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="validate and preprocess a cohort; print its summary",
+    )
     _cohort_args(p)
 
-    p = sub.add_parser("train", help="train (or fine-tune) a model on a cohort")
+    p = sub.add_parser(
+        "train",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="train (or fine-tune) a model on a cohort",
+    )
     _cohort_args(p)
     _train_args(p, TRAINED)
     p.add_argument("--model-dir", type=Path, required=True)
 
-    p = sub.add_parser("generate", help="generate synthetic pairs from a trained model")
+    p = sub.add_parser(
+        "generate",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="generate synthetic pairs from a trained model",
+    )
     p.add_argument("--checkpoint", type=Path, required=True, help="a trained model (MODEL_DIR/model.pt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default=None)
     _gen_args(p)
 
-    p = sub.add_parser("augment", help="ingest + train + generate: the augmented dataset in nnU-Net layout")
+    p = sub.add_parser(
+        "augment",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="ingest + train + generate: the augmented dataset in nnU-Net layout",
+    )
     _cohort_args(p)
     _train_args(p, GENERATORS)
     _gen_args(p)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model-dir", type=Path, default=None, help="default: OUT/../.OUT.model")
 
-    p = sub.add_parser("presets", help="print every preset's config and parameter counts")
+    p = sub.add_parser(
+        "presets",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="print every preset's config and parameter counts",
+    )
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -152,10 +176,18 @@ def _presets(as_json: bool) -> int:
     else:
         for name, r in rows.items():
             c = r["parameters"]
+            described = r["config"]
+            net, train, loss = described["network"], described["train"], described["loss"]
             print(
-                f"{name:6s} C={r['config']['network']['base_channels']:<4d} encoder {c['encoder']:>11,d}  "
+                f"{name:6s} C={net['base_channels']:<4d} encoder {c['encoder']:>11,d}  "
                 f"decoder {c['decoder']:>11,d}  discriminator {c['discriminator']:>10,d}  total {c['total']:>11,d}"
             )
+            print(
+                f"       res blocks {net['num_res_blocks']}, channel mult {tuple(net['channel_mult'])}, "
+                f"batch {train['batch_size']}, lr {train['lr']:g}, precision {train['precision']}, "
+                f"alpha {loss['alpha']:g}, disc_start {loss['disc_start']}, perceptual {loss['perceptual']}"
+            )
+        print("(every field: dhvae presets --json)")
     return 0
 
 
@@ -214,10 +246,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{aug.generation.n_pairs} synthetic pairs from {args.model}, nnU-Net v2 raw layout)"
             + (f"; model: {aug.checkpoint}" if aug.checkpoint else "")
         )
+        if aug.generation.resumed_from:
+            print(
+                f"(continued an earlier run in {aug.out_dir}: {aug.generation.resumed_from} pairs were already "
+                "there, made with the same settings; delete the folder to start afresh)"
+            )
         return 0
     except (DHVAEError, KeyError) as e:
         bar.close()
-        print(f"dhvae: error: {e}", file=sys.stderr)
+        message = str(e)
+        if isinstance(e, CohortError) and getattr(args, "cohort", None) is not None:
+            message = message.replace("  - .: ", f"  - {args.cohort}: ")  # the cohort folder itself
+        print(f"dhvae: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         bar.close()

@@ -147,7 +147,9 @@ def validate_cohort(root: Path, cache_dir: Path, deadline: Callable[[], None] | 
         progress = (lambda _p: deadline()) if deadline is not None else None
         return ingest(root, cache_dir=cache_dir, progress=progress).summary
     except CohortError as e:
-        problems = [(scrub(p.file, root), scrub(p.problem, root)) for p in e.problems]
+        problems = [
+            (scrub(p.file, root) if p.file != "." else UPLOAD, scrub(p.problem, root)) for p in e.problems
+        ]
         raise ApiError(422, "cohort rejected", problems) from None
 
 

@@ -280,3 +280,21 @@ def test_synthetic_case_id_bounds() -> None:
 def test_manifest_extras_cannot_overwrite_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="files"):
         NnUNetExporter(tmp_path).finalize({"files": {}})
+
+
+def test_dataset_json_is_a_monai_datalist_too(tmp_path):
+    """``monai.data.load_decathlon_datalist`` reads the export's dataset.json (nnU-Net ignores the list),
+    and the description says what the dataset holds."""
+    from monai.data import load_decathlon_datalist
+
+    exporter = NnUNetExporter(tmp_path, "FLAIR", grid=np.eye(4), slice_shape=(8, 8))
+    for index in range(2):
+        with exporter.open_synthetic(index, 1) as writer:
+            writer.write(np.full((8, 8), 0.5, np.float32), np.eye(8, dtype=np.uint8))
+    exporter.finalize()
+    items = load_decathlon_datalist(tmp_path / "dataset.json", data_list_key="training", base_dir=tmp_path)
+    assert [Path(i["label"]).name for i in items] == ["synth_00000.nii.gz", "synth_00001.nii.gz"]
+    assert all(Path(i["image"]).is_file() and Path(i["label"]).is_file() for i in items)
+    dataset = json.loads((tmp_path / "dataset.json").read_text())
+    assert dataset["description"] == "Synthetic image/mask pairs" and dataset["numTraining"] == 2
+    assert verify_dataset(tmp_path)["files"]

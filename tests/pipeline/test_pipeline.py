@@ -250,3 +250,21 @@ def test_augment_with_a_baseline_gives_the_same_export(trained, tmp_path, model)
     assert manifest["generator"]["model"] == model
     assert json.loads((tmp_path / model / "dataset.json").read_text())["synthetic_cases"] == 2
     assert (r.checkpoint is None) == (model == "traditional")
+
+
+def test_cli_nits(tmp_path, capsys):
+    """--version, argparse's own error for an unknown preset, the empty folder named, help on every flag."""
+    from pipeline import cli
+
+    with pytest.raises(SystemExit) as out:
+        cli.main(["--version"])
+    assert out.value.code == 0 and capsys.readouterr().out.startswith("dhvae ")
+    with pytest.raises(SystemExit) as out:
+        cli.main(["train", "--cohort", str(tmp_path), "--model-dir", str(tmp_path / "m"), "--preset", "huge"])
+    assert out.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
+    empty = tmp_path / "empty_cohort"
+    empty.mkdir()
+    assert cli.main(["--no-progress", "ingest", "--cohort", str(empty)]) == 2
+    assert f"  - {empty}: no cases found" in capsys.readouterr().err
+    text = cli.build_parser().format_help()
+    assert "log what the engine does" in text and "no progress bars" in text

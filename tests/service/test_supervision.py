@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,9 +23,16 @@ BOUND_S = 600  # polling bounds, not speed targets
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True)
-    rows = [line.strip().split(None, 1) for line in out.stdout.splitlines() if line.strip()]
-    return [(int(r[0]), r[1] if len(r) > 1 else "") for r in rows]
+    """``(pid, command line)`` of each child (from /proc: ``ps`` cuts long lines at 80 columns)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    children = []
+    for child in (int(x) for x in out.stdout.split()):
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        children.append((child, " ".join(a.decode(errors="replace") for a in argv if a)))
+    return children
 
 
 def _log(proc: Proc) -> str:
