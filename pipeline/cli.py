@@ -19,6 +19,7 @@ from models.config import PRESETS
 from models.registry import DEFAULT, GENERATORS, TRAINED
 
 log = logging.getLogger("dhvae")
+DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every --help shows each flag's default
 
 
 class ProgressBar:
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dhvae",
         description="Discriminative Hamiltonian VAE data augmentation",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DEFAULTS,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does (INFO)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -111,25 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "ingest",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="validate and preprocess a cohort; print its summary",
+        "ingest", help="validate and preprocess a cohort; print its summary", formatter_class=DEFAULTS
     )
     _cohort_args(p)
 
-    p = sub.add_parser(
-        "train",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="train (or fine-tune) a model on a cohort",
-    )
+    p = sub.add_parser("train", help="train (or fine-tune) a model on a cohort", formatter_class=DEFAULTS)
     _cohort_args(p)
     _train_args(p, TRAINED)
     p.add_argument("--model-dir", type=Path, required=True)
 
     p = sub.add_parser(
-        "generate",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="generate synthetic pairs from a trained model",
+        "generate", help="generate synthetic pairs from a trained model", formatter_class=DEFAULTS
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="a trained model (MODEL_DIR/model.pt)")
     p.add_argument("--seed", type=int, default=0)
@@ -139,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "augment",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="ingest + train + generate: the augmented dataset in nnU-Net layout",
+        formatter_class=DEFAULTS,
     )
     _cohort_args(p)
     _train_args(p, GENERATORS)
@@ -149,9 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=Path, default=None, help="default: OUT/../.OUT.model")
 
     p = sub.add_parser(
-        "presets",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="print every preset's config and parameter counts",
+        "presets", help="print every preset's config and parameter counts", formatter_class=DEFAULTS
     )
     p.add_argument("--json", action="store_true")
     return parser

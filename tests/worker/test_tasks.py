@@ -72,6 +72,17 @@ def reserve_model(storage: LocalStorage, job_id: str, **fields) -> str:
     return model_id
 
 
+def train_payload(job_id: str, cohort_id: str, model_id: str, steps: int = 3) -> dict:
+    return {
+        "job_id": job_id,
+        "tenant": TENANT,
+        "cohort_id": cohort_id,
+        "model_id": model_id,
+        "preset": "tiny",
+        "steps": steps,
+    }
+
+
 def new_job(jobs: FakeJobStore, kind: JobKind) -> str:
     job_id = new_id("job")
     jobs.create(job_id, tenant=TENANT, kind=kind, request={})
@@ -96,16 +107,7 @@ def test_train_then_generate(env, cohort_files):
     cohort_id = store_cohort(storage, cohort_files)
     job_id = new_job(jobs, JobKind.training)
     model_id = reserve_model(storage, job_id, cohort_id=cohort_id)
-    tasks.train(
-        {
-            "job_id": job_id,
-            "tenant": TENANT,
-            "cohort_id": cohort_id,
-            "model_id": model_id,
-            "preset": "tiny",
-            "steps": 3,
-        }
-    )
+    tasks.train(train_payload(job_id, cohort_id, model_id))
     assert jobs.state(job_id) == JobState.succeeded, jobs.error(job_id)
     assert jobs.stages(job_id) == ["ingest", "train"] and jobs.records[job_id]["attempts"] == "1"
     record = storage.read(TENANT, ModelRecord, model_id)
@@ -171,16 +173,7 @@ def test_cancelled_before_it_started_runs_nothing_and_ends_the_model(env, cohort
     job_id = new_job(jobs, JobKind.training)
     model_id = reserve_model(storage, job_id, cohort_id=cohort_id)
     jobs.update(job_id, {"cancel": "1"})  # a cancel that raced the delivery
-    tasks.train(
-        {
-            "job_id": job_id,
-            "tenant": TENANT,
-            "cohort_id": cohort_id,
-            "model_id": model_id,
-            "preset": "tiny",
-            "steps": 3,
-        }
-    )
+    tasks.train(train_payload(job_id, cohort_id, model_id))
     assert jobs.state(job_id) == JobState.cancelled and jobs.records[job_id]["attempts"] == "0"
     assert model_status(storage, model_id) == ModelStatus.cancelled
     assert not (storage.path(TENANT, "models", model_id) / "model.pt").exists()
