@@ -1,7 +1,8 @@
 """Does augmenting a cohort help, and with how many pairs? The efficacy protocol of issue 4.
 
-One function, :func:`run_efficacy`, used by the benchmark on the shared BraTS cases
-(bench/efficacy/run.py) and by the service's evaluation jobs (worker/tasks.py) on a user's cohort:
+One function, :func:`evaluate_cohort` (which runs :func:`run_efficacy` and writes the report), used by
+the benchmark on the shared BraTS cases (bench/efficacy/run.py) and by the service's evaluation jobs
+(worker/tasks.py) on a user's cohort:
 
 1. split the cohort's PATIENTS into train and test (:func:`efficacy.segmenter.patient_split`); nothing of
    a test patient ever reaches a generator, not even the slice-balancing cap (re-balanced on the
@@ -371,7 +372,6 @@ def run_efficacy(
             rows.append(row)
             sink.write(json.dumps(row) + "\n")
             sink.flush()
-            done.add(cell_key(row))
             settled += 1
             reporter.report(settled, dice_slice=row["dice_slice"])
             log.info("efficacy: %s", {k: row[k] for k in (*cell, "dice_slice", "dice_3d")})

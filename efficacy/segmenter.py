@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from imaging.cohort import split_sizes
 from imaging.errors import DHVAEError
 from models.rng import step_generator
 
@@ -84,8 +85,7 @@ def patient_split(
     if test_fraction is not None:
         if not 0.0 < test_fraction < 1.0:
             raise DHVAEError(f"test_fraction must be in (0, 1), got {test_fraction}")
-        n_test = min(max(1, round(test_fraction * n)), n - 1)
-        n_train = n - n_test
+        n_train, n_test = split_sizes(n, test_fraction)
     elif n_train is None:
         assert n_test is not None
         n_train = n - n_test

@@ -312,6 +312,14 @@ def load_case(case: Case, spec: CohortSpec | None = None) -> tuple[np.ndarray, n
     return image.astype(np.float32, copy=False), mask, np.asarray(image_nii.affine, dtype=np.float64)
 
 
+def split_sizes(n_patients: int, test_fraction: float) -> tuple[int, int]:
+    """``(training, test)`` patients of a patient-level split by ``test_fraction``: rounded, at least one
+    patient on each side when there are two or more. The engine's split (``efficacy.segmenter``) and the
+    API's warnings about small splits (``service/routes/evaluations.py``) both count with it."""
+    n_test = min(max(1, round(test_fraction * n_patients)), n_patients - 1)
+    return n_patients - n_test, n_test
+
+
 def canonical_channel(name: str, spec: CohortSpec | None = None) -> str:
     """Canonical name of a channel named in ``dataset.json`` (``"FLAIR"`` -> ``"flair"``,
     ``"t1gd"`` -> ``"t1c"``, ``"T2w"`` -> ``"t2"``); an unknown name is returned lower-cased."""

@@ -6,7 +6,7 @@ Layout under ``DHVAE_DATA_DIR`` (one folder per tenant, nothing shared between t
     tenants/<tenant>/models/<model_id>/record.json, model.pt, ...   written by the engine's train()
     tenants/<tenant>/outputs/<job_id>/imagesTr, labelsTr, ...       generated / augmented datasets
     tenants/<tenant>/cache/<cohort_id>/                             the engine's preprocessing cache
-    tenants/<tenant>/staging/<random>/                              uploads in progress (same disk)
+    tenants/<tenant>/staging/<job_id or random>/                    uploads in progress (same disk)
 
 Objects appear atomically (a staged folder renamed into place) and disappear atomically (renamed away,
 then removed), so a reader never sees half an object. The engine works on local paths, so a shared
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from contract.records import CohortRecord, ModelRecord, Record
+from contract.schemas import ModelStatus
 from imaging.files import atomic_file
 
 Kind = Literal["cohorts", "models", "outputs"]
@@ -31,6 +32,7 @@ R = TypeVar("R", CohortRecord, ModelRecord)
 RECORD_KIND: dict[type, Kind] = {CohortRecord: "cohorts", ModelRecord: "models"}
 KINDS: tuple[Kind, ...] = ("cohorts", "models", "outputs")
 RECORD = "record.json"
+WEIGHT_FILES = ("model.pt", "last.pt")  # a model's final weights and its training's resume point
 
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ID_RE = re.compile(r"^[a-z]{3}_[0-9a-f]{32}$")
@@ -118,6 +120,18 @@ class LocalStorage:
         updated = ModelRecord.model_validate({**record.model_dump(), **fields})
         self.write(tenant, updated)
         return updated
+
+    def end_model(self, tenant: str, model_id: str, status: ModelStatus) -> None:
+        """A model whose job failed or was cancelled: its weights go, its record says so (idempotent)."""
+        model_dir = self.path(tenant, "models", model_id)
+        for name in WEIGHT_FILES:
+            (model_dir / name).unlink(missing_ok=True)
+        self.update_model(tenant, model_id, status=status)
+
+    def discard_import(self, tenant: str, model_id: str, staged: Path) -> None:
+        """An import that never became a model: no model record, no staged upload (idempotent)."""
+        self.delete(tenant, "models", model_id)
+        self.remove_tree(tenant, staged)
 
     def cohort_files(self, tenant: str, record: CohortRecord) -> Path:
         """The folder holding a stored cohort's files."""

@@ -24,6 +24,8 @@ from typing import Any
 import anyio
 from starlette.requests import ClientDisconnect
 
+from service.uploads import ZIP_TYPES
+
 log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
@@ -32,7 +34,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-UPLOAD_TYPES = ("application/zip", "application/x-zip-compressed", "application/octet-stream")
+UPLOAD_TYPES = ZIP_TYPES  # bodies streamed to disk under their own limit (zip cohorts, checkpoints)
 
 
 class BodyTimeout(Exception):

@@ -20,14 +20,13 @@ log = logging.getLogger(__name__)
 Responses = dict[int | str, dict[str, Any]]
 
 
-def _documented() -> Responses:
-    """What every authenticated route can answer: the one error shape (``ErrorOut``) for each 4xx."""
-    return {
-        401: {"model": ErrorOut, "description": "Missing or invalid API key (`Authorization: Bearer KEY`)"},
-        408: {"model": ErrorOut, "description": "The request body stalled (DHVAE_BODY_TIMEOUT_S)"},
-        413: {"model": ErrorOut, "description": "Body past the limit (JSON: DHVAE_MAX_JSON_BYTES)"},
-        422: {"model": ErrorOut, "description": "Invalid request: `problems` names each field and why"},
-    }
+# What every authenticated route can answer: the one error shape (``ErrorOut``) for each 4xx.
+AUTHED: Responses = {
+    401: {"model": ErrorOut, "description": "Missing or invalid API key (`Authorization: Bearer KEY`)"},
+    408: {"model": ErrorOut, "description": "The request body stalled (DHVAE_BODY_TIMEOUT_S)"},
+    413: {"model": ErrorOut, "description": "Body past the limit (JSON: DHVAE_MAX_JSON_BYTES)"},
+    422: {"model": ErrorOut, "description": "Invalid request: `problems` names each field and why"},
+}
 
 
 class ApiError(Exception):
@@ -107,6 +106,3 @@ def install(app: FastAPI) -> None:
         log.warning("Redis unavailable: %s", exc)
         body = error_body("the job store is unavailable (restarting?); retry shortly")
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
-
-
-AUTHED: Responses = _documented()

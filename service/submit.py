@@ -98,13 +98,12 @@ def end_unstarted(ctx: Context, tenant: str, rec: JobRecord) -> None:
     terminal state, and nothing staged, here (a worker that gets its message later finds it cancelled)."""
     if not rec.model_id:
         return
-    if rec.kind == JobKind.model_import:
-        ctx.storage.delete(tenant, "models", rec.model_id)  # an import that never ran leaves no model
-        ctx.storage.remove_tree(tenant, ctx.storage.staging_dir(tenant) / rec.id)
+    if rec.kind == JobKind.model_import:  # staged under the job's id (routes/models.py)
+        ctx.storage.discard_import(tenant, rec.model_id, ctx.storage.staging_dir(tenant) / rec.id)
     elif rec.kind in (JobKind.training, JobKind.augmentation):
         model = ctx.storage.read(tenant, ModelRecord, rec.model_id)
         if model is not None and model.status == ModelStatus.training:
-            ctx.storage.update_model(tenant, rec.model_id, status=ModelStatus.cancelled)
+            ctx.storage.end_model(tenant, rec.model_id, ModelStatus.cancelled)
 
 
 def accepted(job_id: str, kind: JobKind, model_id: str | None = None) -> JSONResponse:

@@ -29,8 +29,6 @@ from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.pt", "last.pt")
-
 
 def _engine():
     """The engine, imported lazily in the pool's child process (torch's thread count set there)."""
@@ -81,11 +79,8 @@ def _model_ready(ctx: JobContext, model_id: str) -> None:
 
 def _model_ended(ctx: JobContext, model_id: str, state: JobState) -> None:
     """A model whose job failed or was cancelled: its record says so, its weights are removed."""
-    model_dir = ctx.storage.path(ctx.tenant, "models", model_id)
-    for name in WEIGHT_FILES:
-        (model_dir / name).unlink(missing_ok=True)
     status = ModelStatus.cancelled if state == JobState.cancelled else ModelStatus.failed
-    ctx.storage.update_model(ctx.tenant, model_id, status=status)
+    ctx.storage.end_model(ctx.tenant, model_id, status)
 
 
 def _remove_output(ctx: JobContext) -> None:
@@ -242,7 +237,6 @@ def import_model(payload: dict) -> None:
 
     def cleanup(ctx: JobContext, state: JobState) -> None:
         """A rejected checkpoint leaves nothing: no model, no staged file."""
-        ctx.storage.delete(ctx.tenant, "models", req.model_id)
-        shutil.rmtree(staged(ctx).parent, ignore_errors=True)
+        ctx.storage.discard_import(ctx.tenant, req.model_id, staged(ctx).parent)
 
     run_job(req.job_id, req.tenant, body, cleanup)

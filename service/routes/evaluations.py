@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from contract import tasks
 from contract.schemas import EvaluateTask, EvaluationRequest, JobAccepted, JobKind, JobProgress
+from imaging.cohort import split_sizes
 from runtime.storage import new_id
 from service.deps import Ctx, Tenant
 from service.errors import AUTHED, ApiError
@@ -23,16 +24,14 @@ MIN_TRAIN_PATIENTS, MIN_TEST_PATIENTS = 2, 2  # below these an evaluation runs, 
 def split_warnings(n_patients: int, test_fraction: float) -> list[str]:
     """422 for a cohort that cannot be split by patient; warnings for a split too small to mean much.
 
-    The split sizes are the engine's (``efficacy.segmenter.patient_split``: rounded, at least one
-    patient on each side)."""
+    The split sizes are the engine's (:func:`imaging.cohort.split_sizes`)."""
     if n_patients < 2:
         raise ApiError(
             422,
             f"the cohort has {n_patients} patient: an evaluation tests on patients the generator never saw, "
             "so it needs at least 2 (better 6 or more)",
         )
-    n_test = min(max(1, round(test_fraction * n_patients)), n_patients - 1)
-    n_train = n_patients - n_test
+    n_train, n_test = split_sizes(n_patients, test_fraction)
     warnings = []
     if n_train < MIN_TRAIN_PATIENTS:
         warnings.append(
