@@ -6,16 +6,16 @@ STAMP  := $(VENV)/.setup-stamp
 WEIGHTS := weights/vgg16_lpips.pt
 SHARED_TRAIN := ../shared/data/brats2015-deepmedic/train
 
-.PHONY: setup test test-fast check lint format demo run openapi bench bench-service bench-quality bench-efficacy clean
+.PHONY: bench-cv browser setup test test-fast check lint format demo run openapi bench bench-service bench-quality bench-efficacy clean
 
 setup: $(STAMP) $(WEIGHTS)
 
 # The runtime lock (what the Docker images install) plus the development tools' lock.
-$(STAMP): pyproject.toml requirements.lock requirements-dev.lock
+$(STAMP): pyproject.toml client/pyproject.toml requirements.lock requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.lock -r requirements-dev.lock
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-deps -e . -e client
 	touch $(STAMP)
 
 $(WEIGHTS): $(STAMP) scripts/fetch_vgg16.py
@@ -28,8 +28,13 @@ check: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 
-# `make check`, then the whole suite, slow (real-data, multi-process) tests included: what CI runs.
-test: check
+# Debian's chromium for the browser tests (Playwright drives it; nothing downloads a browser build).
+browser:
+	@test -x /usr/bin/chromium || (DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null \
+	  || (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null))
+
+# `make check`, then the whole suite, slow (real-data, multi-process, browser) tests included: what CI runs.
+test: check browser
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q --durations=15
 
 # Without the slow tests, for quick iterations: two test processes of one torch thread each (2 cores,
@@ -68,6 +73,10 @@ bench-service: setup
 # GRID=full (the issue's grid; GPU-sized) or GRID=cpu (a pilot of the protocol; its U-Nets barely train)
 bench-efficacy: setup
 	$(PY) bench/efficacy/run.py --grid $(or $(GRID),cpu)
+
+# The cross-validated comparison (issue 11): resumable, hours on 2 CPU cores.
+bench-cv: setup
+	OMP_NUM_THREADS=2 $(PY) bench/efficacy/cv.py $(CV_ARGS)
 
 clean:
 	rm -rf augmented .augmented.model .cache

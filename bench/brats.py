@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared/data/brats2015-deepmedic"
+# DHVAE_BRATS: another place for the cases (a device run carries them in a git-ignored folder)
+DATA = Path(os.environ.get("DHVAE_BRATS") or REPO.parent / "shared/data/brats2015-deepmedic")
 
 
 def combined_cohort(splits: list[str], tmp: Path) -> Path:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +18,10 @@ Preset = Literal["tiny", "small", "paper"]
 # The generator a training or augmentation fits: the trained generators of models/registry.py.
 # "traditional" (nothing to train) is CLI-only for now.
 Generator = Literal["dhvae", "hvae", "vae", "lsgan"]
+# What an augmentation can use: every generator, the two that train nothing (no model is made) included.
+Untrained = Literal["traditional", "insert"]
+UNTRAINED: tuple[str, ...] = ("traditional", "insert")
+Method = Literal["dhvae", "hvae", "vae", "lsgan", "traditional", "insert"]
 ID_PATTERN = r"^[a-z]{3}_[0-9a-f]{32}$"
 SEED_MAX = 2**32 - 1
 
@@ -92,27 +96,57 @@ class TrainingRequest(_Body):
     base_model_id: str | None = Field(None, pattern=ID_PATTERN, description="Fine-tune this model.")
 
 
+ZERO_BACKGROUND = (
+    "Set each synthetic image to 0 outside its brain, the real cases' convention (false: keep the "
+    "generator's grey background)."
+)
+
+
 class GenerationRequest(_Body):
     model_id: str = Field(pattern=ID_PATTERN)
     n_pairs: int = Field(ge=1)
     seed: int = Field(0, ge=0, le=SEED_MAX)
     slices_per_volume: int = Field(1, ge=1, le=1024)
     min_mask_area: int | None = Field(None, ge=0, description="Pixels; default: the engine's floor.")
+    zero_background: bool = Field(True, description=ZERO_BACKGROUND)
 
 
 class AugmentationRequest(_Body):
     cohort_id: str = Field(pattern=ID_PATTERN)
     n_pairs: int = Field(ge=1)
-    model: Generator = "dhvae"
+    model: Method = Field(
+        "dhvae",
+        description="The generator; traditional (flips and rotations) and insert (real tumours pasted "
+        "into other slices) train nothing, so the job makes no model.",
+    )
     preset: Preset = "tiny"
     steps: int = Field(ge=1)
     seed: int = Field(0, ge=0, le=SEED_MAX)
     base_model_id: str | None = Field(None, pattern=ID_PATTERN, description="Fine-tune this model.")
     slices_per_volume: int = Field(1, ge=1, le=1024)
     min_mask_area: int | None = Field(None, ge=0)
+    zero_background: bool = Field(True, description=ZERO_BACKGROUND)
+    real_cases: Literal["resampled", "uploaded"] = Field(
+        "resampled",
+        description="The real cases in the dataset: resampled to the model's grid and normalised (what the "
+        "model saw), or as uploaded (original grid, spacing and intensities; masks by the label rule).",
+    )
 
 
-Baseline = Literal["traditional", "vae", "hvae", "lsgan"]  # every generator of the registry but dhvae
+Baseline = Literal["traditional", "insert", "vae", "hvae", "lsgan"]
+# The arms of a cross-validated evaluation: efficacy/crossval.py's ARMS (the drift test checks).
+Arm = Literal[
+    "real",
+    "real_aug",
+    "real_fixed_epochs",
+    "traditional",
+    "insert",
+    "insert_online",
+    "dhvae",
+    "dhvae_pretrain",
+    "insert_dhvae",
+    "vae",
+]  # every generator of the registry but dhvae
 Protocol = Literal["fixed_epochs", "step_matched"]
 UnetWidths = Literal["paper", "small", "tiny"]
 
@@ -145,12 +179,38 @@ class EvaluationRequest(_Body):
     baselines: list[Baseline] = Field([], description="Other augmentations to compare in the same run.")
     unet: UnetWidths = Field("paper", description="U-Net widths (UNET_WIDTHS).")
     unet_epochs: int = Field(40, ge=1, le=400, description="Epochs of the fixed_epochs protocol (paper: 40).")
+    design: Literal["split", "crossval"] = Field(
+        "split",
+        description="split: one patient split, the method x N x seed grid (test_fraction, n_pairs, "
+        "protocols, baselines). crossval: patient-level cross-validation over `folds` folds, the `arms` "
+        "against the strong baseline (real slices with online augmentation), a step budget chosen on an "
+        "inner validation patient, paired gains with a patient-bootstrap interval, and a recommendation.",
+    )
+    folds: int = Field(3, ge=2, le=10, description="crossval: folds (every patient is tested once).")
+    max_steps: int = Field(
+        1200,
+        ge=10,
+        le=20000,
+        description="crossval: the longest inner-validation run; the budget is where its validation Dice "
+        "stops improving, checked every tenth of it.",
+    )
+    arms: list[Arm] = Field(
+        ["real", "real_aug", "insert", "insert_online"],
+        min_length=1,
+        max_length=len(get_args(Arm)),
+        description="crossval: the arms (efficacy/crossval.py ARMS); real_aug, the strong baseline, is always run.",
+    )
 
     def seed_list(self) -> list[int]:
         return list(range(self.seeds)) if isinstance(self.seeds, int) else sorted(set(self.seeds))
 
     def n_runs(self) -> int:
-        """U-Nets the grid trains: (real-only + each generator at each N) x seeds x protocols."""
+        """U-Nets the evaluation trains. split: (real-only + each generator at each N) x seeds x
+        protocols; crossval: (arms, the strong baseline included) x folds x seeds, plus one inner
+        validation run per fold."""
+        if self.design == "crossval":
+            arms = set(self.arms) | {"real_aug"}
+            return len(arms) * self.folds * len(self.seed_list()) + self.folds
         n_generators = 1 + len(set(self.baselines) - {self.model})
         return (1 + n_generators * len(set(self.n_pairs))) * len(self.seed_list()) * len(set(self.protocols))
 
@@ -199,6 +259,18 @@ class JobOut(BaseModel):
     )
 
 
+class PairOut(BaseModel):
+    case: str = Field(description="The pair's case name in the dataset (synth_NNNNN).")
+    slices: int
+    mask_area_px: int = Field(description="Tumour pixels over all of the pair's slices.")
+
+
+class PairPage(BaseModel):
+    total: int = Field(description="Generated pairs on disk so far.")
+    offset: int
+    items: list[PairOut]
+
+
 class JobList(BaseModel):
     items: list[JobOut]
 
@@ -243,7 +315,7 @@ class GenerateTask(TaskPayload, GenerationRequest):
 
 
 class AugmentTask(TaskPayload, AugmentationRequest):
-    model_id: str
+    model_id: str | None = None  # None for a generator that trains nothing
 
 
 class EvaluateTask(TaskPayload, EvaluationRequest):

@@ -203,7 +203,6 @@ def synthetic_pairs(
     """``cfg.n_max`` pairs ``(n, 2, H, W)`` of one generator fitted on the training patients; cached."""
     from models.checkpoint import model_from_checkpoint
     from models.sampler import Pair, sample_pairs
-    from models.traditional import augment_pairs
 
     out = work_dir / method / "pairs.npy"
     if out.is_file():
@@ -212,8 +211,9 @@ def synthetic_pairs(
             return pairs
     out.parent.mkdir(parents=True, exist_ok=True)
     real = data.generator_slices.slices.slices
-    if not get_generator(method).trained:
-        pairs = augment_pairs(real, cfg.n_max, seed=cfg.sample_seed)
+    entry = get_generator(method)
+    if entry.draw is not None:  # nothing to train: pairs drawn from the training patients' slices
+        pairs = entry.draw(data.generator_slices.slices, cfg.n_max, cfg.sample_seed)
     else:
         if method in cfg.pretrained:
             ckpt = Path(cfg.pretrained[method])

@@ -16,7 +16,8 @@ Metrics (all as fractions in [0, 1] unless said otherwise):
                 larger than dice_slice, since small tumours weigh less;
     dice_3d     hard Dice of the thresholded, stacked 3D prediction per patient, averaged over patients;
     hd95        95th-percentile symmetric Hausdorff distance per patient (MONAI), in mm when the case
-                carries an affine (else in voxels), averaged over patients.
+                carries an affine (else in voxels), averaged over patients;
+    fp_volume   volume predicted as tumour on a patient's tumour-free slices (ml), averaged over patients.
 """
 
 from __future__ import annotations
@@ -172,6 +173,54 @@ def training_steps(n_slices: int, cfg: SegmenterConfig, protocol: TrainingProtoc
     raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
 
 
+OnlineTransform = Callable[[Tensor, int, int], Tensor]  # (batch (B, 2, H, W), seed, step) -> batch
+
+
+@dataclass(frozen=True)
+class LoaderRecipe:
+    """How the U-Net's batches are drawn when synthetic pairs are added (issue 11, A.4 and B.4).
+
+    ``real_fraction``: the share of every batch drawn from the real slices (e.g. 0.75: a 3:1 ratio), so
+    adding pairs never starves the real ones; None pools real and synthetic slices together (the paper's
+    way, where a real slice is seen less often the more pairs are added). ``synthetic_weight``: lambda on
+    the synthetic slices' Dice loss. ``pretrain_steps``: the first steps draw synthetic pairs only (then
+    every step follows ``real_fraction``): synthetic pretraining and real fine-tuning in one budget.
+    """
+
+    real_fraction: float | None = 0.75
+    synthetic_weight: float = 1.0
+    pretrain_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.real_fraction is not None and not 0.0 < self.real_fraction <= 1.0:
+            raise DHVAEError(f"real_fraction must be in (0, 1], got {self.real_fraction}")
+        if self.synthetic_weight < 0 or self.pretrain_steps < 0:
+            raise DHVAEError("synthetic_weight and pretrain_steps must be >= 0")
+
+
+class _Stream:
+    """Indices into ``n`` items in seeded permutations, one per pass, continued across steps."""
+
+    def __init__(self, n: int, seed: int, stream: int) -> None:
+        self.n, self.seed, self.stream, self.epoch, self.pos = n, seed, stream, 0, n
+        self.order: Tensor | None = None
+
+    def take(self, k: int) -> Tensor:
+        out: list[Tensor] = []
+        while k > 0:
+            if self.pos >= self.n:
+                self.order = torch.randperm(
+                    self.n, generator=step_generator(self.seed, self.epoch, self.stream)
+                )
+                self.epoch, self.pos = self.epoch + 1, 0
+            assert self.order is not None
+            got = self.order[self.pos : self.pos + k]
+            out.append(got)
+            self.pos += len(got)
+            k -= len(got)
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
 def train_segmenter(
     pairs: np.ndarray | Tensor,
     *,
@@ -181,15 +230,26 @@ def train_segmenter(
     steps: int | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int, int, float], None] | None = None,
+    synthetic: np.ndarray | Tensor | None = None,
+    recipe: LoaderRecipe | None = None,
+    online: Sequence[OnlineTransform] = (),
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> nn.Module:
-    """Train the downstream U-Net on ``pairs`` ``(N, 2, H, W)`` ([image, mask], real + synthetic together).
+    """Train the downstream U-Net on ``pairs`` ``(N, 2, H, W)`` ([image, mask]).
 
     Soft Dice loss (``monai.losses.DiceLoss(sigmoid=True)``, pooled over the batch or per slice as
     ``cfg.dice_loss`` says), RMSprop at ``cfg.lr`` with ``cfg.momentum`` and ``cfg.weight_decay``, the
-    gradient norm clipped at ``cfg.grad_clip``; batches of ``cfg.batch_size`` from seeded permutations of
-    the N slices, one permutation per epoch; the run lasts :func:`training_steps` steps. The initial
+    gradient norm clipped at ``cfg.grad_clip``; the run lasts :func:`training_steps` steps. The initial
     weights and the batch order depend on ``seed`` only (the global torch RNG is left as it was).
-    ``progress(step, total, loss)`` is called after every step. Returns the model in eval mode.
+
+    Two loaders. Without ``synthetic``/``recipe``/``online`` (the paper's, and the issue-4 grid's):
+    ``pairs`` holds real and synthetic slices together, in batches of seeded permutations, one per
+    epoch. Otherwise ``pairs`` are the real slices and ``synthetic`` the added ones, drawn as ``recipe``
+    says (:class:`LoaderRecipe`), and every batch goes through the ``online`` transforms in order
+    (e.g. :class:`efficacy.online.OnlineAugment`).
+
+    ``progress(step, total, loss)`` is called after every step, ``on_step(step, model)`` too (the model
+    in train mode: an inner validation may evaluate it). Returns the model in eval mode.
     """
     from monai.losses import DiceLoss
 
@@ -200,7 +260,10 @@ def train_segmenter(
     n = data.shape[0]
     if n == 0:
         raise DHVAEError("no training slices for the segmenter")
-    total = training_steps(n, cfg, protocol, steps)
+    extra = as_tensor(synthetic) if synthetic is not None and len(synthetic) else None
+    mixed = extra is not None or recipe is not None or bool(online)
+    recipe = recipe or LoaderRecipe()
+    total = training_steps(n + (0 if extra is None else len(extra)), cfg, protocol, steps)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_unet(cfg)
@@ -211,12 +274,37 @@ def train_segmenter(
     loss_fn = DiceLoss(sigmoid=True, batch=cfg.dice_loss == "batch")
     per_epoch = steps_per_epoch(n, cfg.batch_size, cfg.drop_last)
     order = torch.empty(0, dtype=torch.long)
+    pooled = data if extra is None or recipe.real_fraction is not None else torch.cat([data, extra])
+    real_stream = _Stream(len(pooled), seed, stream=3)
+    syn_stream = _Stream(len(extra), seed, stream=4) if extra is not None else None
+    b = cfg.batch_size
     for step in range(total):
-        epoch, j = divmod(step, per_epoch)
-        if j == 0:
-            order = torch.randperm(n, generator=step_generator(seed, epoch, stream=3))
-        batch = data[order[j * cfg.batch_size : (j + 1) * cfg.batch_size]].to(device)
-        loss = loss_fn(model(batch[:, :1]), batch[:, 1:])
+        n_syn = 0
+        if not mixed:
+            epoch, j = divmod(step, per_epoch)
+            if j == 0:
+                order = torch.randperm(n, generator=step_generator(seed, epoch, stream=3))
+            batch = data[order[j * b : (j + 1) * b]]
+        else:
+            if syn_stream is not None and extra is not None and recipe.real_fraction is not None:
+                n_syn = b if step < recipe.pretrain_steps else b - round(b * recipe.real_fraction)
+            parts = [pooled[real_stream.take(b - n_syn)]] if n_syn < b else []
+            if n_syn:
+                assert syn_stream is not None and extra is not None
+                parts.append(extra[syn_stream.take(n_syn)])
+            batch = torch.cat(parts)
+            for transform in online:
+                batch = transform(batch, seed, step)
+        batch = batch.to(device)
+        logits = model(batch[:, :1])
+        n_real = len(batch) - n_syn
+        if n_syn and n_real and recipe.synthetic_weight != 1.0:
+            w = recipe.synthetic_weight * n_syn / (n_real + recipe.synthetic_weight * n_syn)
+            loss = (1 - w) * loss_fn(logits[:n_real], batch[:n_real, 1:]) + w * loss_fn(
+                logits[n_real:], batch[n_real:, 1:]
+            )
+        else:
+            loss = loss_fn(logits, batch[:, 1:])
         if not torch.isfinite(loss):
             raise DHVAEError(f"segmenter training diverged at step {step} (loss {loss.item()})")
         opt.zero_grad(set_to_none=True)
@@ -226,6 +314,8 @@ def train_segmenter(
         opt.step()
         if progress is not None:
             progress(step + 1, total, loss.item())
+        if on_step is not None:
+            on_step(step + 1, model)
     return model.eval()
 
 
@@ -325,8 +415,10 @@ def evaluate_segmenter(
     threshold: float = 0.5,
     batch_size: int = 32,
     pooled_batch: int = 32,
+    volumes: bool = True,
 ) -> dict[str, Any]:
-    """Segment every test volume slice by slice and measure it.
+    """Segment every test volume slice by slice and measure it (``volumes=False``: only the tumour
+    slices, and only the slice metrics: what an inner validation needs, without the 3D ones' cost).
 
     Returns a dict:
         dice_slice     mean soft Dice over all tumour-containing 2D slices of all cases (the paper's metric)
@@ -334,6 +426,8 @@ def evaluate_segmenter(
                        over batches (the authors' evaluation loop)
         dice_3d        mean over cases of the hard Dice of the thresholded 3D prediction
         hd95           mean over cases of the 95th-percentile Hausdorff distance (mm if affines, else voxels)
+        fp_volume      mean over cases of the volume predicted as tumour on the slices without tumour (ml if
+                       affines, else voxels): the false positives a 2D U-Net makes on healthy slices
         n_cases, n_tumour_slices, hd95_unit, threshold
         per_case       [{"case_id", "dice_slice", "dice_3d", "hd95", "tumour_slices"}]
     """
@@ -345,24 +439,39 @@ def evaluate_segmenter(
     per_case: list[dict[str, Any]] = []
     units = {voxel_spacing(c) is None for c in cases}
     for case in cases:
-        prob = segment_volume(model, case.image, batch_size)
         mask = np.asarray(case.mask) > 0
         tumour = np.flatnonzero(mask.reshape(-1, mask.shape[-1]).any(0))  # axial slices with tumour
+        if not volumes:
+            probs = predict_slices(model, np.moveaxis(np.asarray(case.image)[..., tumour], -1, 0), batch_size)
+            slice_scores.append(soft_dice(probs, np.moveaxis(mask[..., tumour], -1, 0)))
+            tumour_probs.append(probs)
+            tumour_masks.append(np.moveaxis(mask[..., tumour], -1, 0))
+            continue
+        prob = segment_volume(model, case.image, batch_size)
         tumour_probs.append(np.moveaxis(prob[..., tumour], -1, 0))
         tumour_masks.append(np.moveaxis(mask[..., tumour], -1, 0))
         scores = soft_dice(tumour_probs[-1], tumour_masks[-1])
         slice_scores.append(scores)
         pred = prob > threshold
+        spacing = voxel_spacing(case)
+        free = ~mask.reshape(-1, mask.shape[-1]).any(0)  # axial slices without tumour
+        fp_voxels = int(pred[..., free].sum())
         per_case.append(
             {
                 "case_id": case.case_id,
                 "dice_slice": float(scores.mean()) if scores.size else float("nan"),
                 "dice_3d": dice_score(pred, mask),
-                "hd95": hd95(pred, mask, voxel_spacing(case)),
+                "hd95": hd95(pred, mask, spacing),
+                "fp_volume": fp_voxels * (float(np.prod(spacing)) / 1000.0 if spacing else 1.0),
                 "tumour_slices": int(tumour.size),
             }
         )
     all_scores = np.concatenate(slice_scores)
+    if not volumes:
+        return {
+            "dice_slice": float(all_scores.mean()) if all_scores.size else float("nan"),
+            "n_tumour_slices": int(all_scores.size),
+        }
     probs, masks = np.concatenate(tumour_probs), np.concatenate(tumour_masks)
     pooled = [
         soft_dice(probs[None, i : i + pooled_batch], masks[None, i : i + pooled_batch])[0]
@@ -373,6 +482,7 @@ def evaluate_segmenter(
         "dice_pooled": float(np.mean(pooled)) if pooled else float("nan"),
         "dice_3d": float(np.mean([c["dice_3d"] for c in per_case])),
         "hd95": float(np.mean([c["hd95"] for c in per_case])),
+        "fp_volume": float(np.mean([c["fp_volume"] for c in per_case])),
         "hd95_unit": "voxel" if units == {True} else "mm" if units == {False} else "mixed",
         "n_cases": len(per_case),
         "n_tumour_slices": int(all_scores.size),

@@ -42,6 +42,13 @@ from .nifti import DEFAULT_COMPRESSLEVEL, StreamingNiftiWriter, write_volume
 log = logging.getLogger(__name__)
 
 IMAGES_DIR = "imagesTr"
+# What the real cases of an export are (``dataset.json``'s ``real_cases_geometry``).
+REAL_CASES = {
+    "resampled": "resampled to the model's grid (e.g. 128 x 128 x 64 voxels for BraTS), intensities min-max "
+    "normalised to [0, 1] per case, masks {0, 1}: what the generator was trained on",
+    "uploaded": "as uploaded: the original voxel grid, spacing and intensities of the chosen channel; masks "
+    "{0, 1} on the same grid (label_mapping)",
+}
 LABELS_DIR = "labelsTr"
 FILE_ENDING = ".nii.gz"
 CHANNEL_SUFFIX = "_0000"  # the single exported channel is nnU-Net channel 0
@@ -261,6 +268,9 @@ class NnUNetExporter:
         slice_shape: ``(H, W)`` of a synthetic slice; default: the real cases' in-plane shape.
         name, description: copied into ``dataset.json`` (default description: what the dataset holds).
         compresslevel: gzip level for every volume (fixed so bytes are reproducible).
+        real_cases_geometry: what the real cases are, said in ``dataset.json`` (:data:`REAL_CASES`).
+        label_rule: how the uploaded label maps became the {0, 1} masks (e.g. "label in {1, 2, 3, 4}"),
+            said in ``dataset.json``'s ``label_mapping``.
 
     Typical use: ``add_real_case`` for each resampled case, ``open_synthetic`` for each generated pair
     not already in :func:`completed_synthetic_indices`, then ``finalize``.
@@ -276,7 +286,12 @@ class NnUNetExporter:
         name: str = "dhvae_augmented",
         description: str | None = None,
         compresslevel: int = DEFAULT_COMPRESSLEVEL,
+        real_cases_geometry: str = "resampled",
+        label_rule: str = "whole tumour (label > 0)",
     ) -> None:
+        if real_cases_geometry not in REAL_CASES:
+            raise ValueError(f"real_cases_geometry must be one of {sorted(REAL_CASES)}")
+        self.real_cases_geometry, self.label_rule = real_cases_geometry, label_rule
         self.out_dir = Path(out_dir)
         self.channel_name = channel_name
         self.name = name
@@ -407,6 +422,15 @@ class NnUNetExporter:
             "description": self.description or self._describe(n_synthetic, len(label_ids) - n_synthetic),
             "synthetic_cases": n_synthetic,
             "real_cases": len(label_ids) - n_synthetic,
+            "real_cases_geometry": REAL_CASES[self.real_cases_geometry],
+            "synthetic_cases_geometry": (
+                "axial slices of the model's grid (the resampled cases' in-plane spacing and orientation), "
+                "intensities in [0, 1], 0 outside the brain unless the generation kept the background"
+            ),
+            "label_mapping": {
+                "0": "background",
+                "1": f"tumour: {self.label_rule} of the uploaded label maps",
+            },
             # MONAI's datalist (``monai.data.load_decathlon_datalist(dataset.json)``); nnU-Net ignores it
             "training": [
                 {

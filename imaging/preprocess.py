@@ -536,3 +536,40 @@ def _load_cache(path: Path, cfg: PreprocessConfig) -> SliceSet | None:
     except (OSError, KeyError, ValueError) as exc:
         log.warning("preprocessing cache %s unreadable (%s); recomputing", path, exc)
         return None
+
+
+def otsu_threshold(image: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of ``image`` (the one that maximises the between-class variance)."""
+    values = np.asarray(image, np.float64).ravel()
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return lo
+    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = ((hist * centres).sum() - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(centres[int(np.argmax(between[:-1]))])
+
+
+def zero_background(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A synthetic slice put on the real cases' intensity convention: 0 outside the brain.
+
+    The real cases are skull-stripped, so their background is exactly 0 after min-max normalisation;
+    a generator's background is a low, noisy grey instead (0.05-0.6 for the ``small`` dHVAE), which
+    nnU-Net's cropping and intensity statistics would treat as tissue. The brain is the largest
+    connected component above Otsu's threshold, its holes filled, joined with the tumour mask (a tumour
+    always stays on tissue); everything else is set to 0. Returns a new float32 ``(H, W)`` array.
+    """
+    from scipy import ndimage
+
+    img = np.asarray(image, np.float32)
+    fg = img > otsu_threshold(img)
+    labels, n = ndimage.label(fg)
+    if n > 1:
+        sizes = ndimage.sum(fg, labels, index=np.arange(1, n + 1))
+        fg = labels == 1 + int(np.argmax(sizes))
+    brain = ndimage.binary_fill_holes(fg | (np.asarray(mask) > 0))
+    return np.where(brain, img, 0.0).astype(np.float32)

@@ -5,6 +5,7 @@ grid select from (``contract.schemas.Generator`` / ``Baseline`` are checked agai
 name           what it is                                                      class
 =============  ==============================================================  =========================
 traditional    flips and rotations of the real slices; nothing is trained      (``models.traditional``)
+insert         real tumours pasted into other slices (our extension)           (``models.insert``)
 vae            the paper's VAE baseline: no flow, analytic KL                  :class:`models.dhvae.DHVAE`
 hvae           the paper's HVAE baseline: the flow, no discriminative term     :class:`models.dhvae.DHVAE`
 lsgan          the paper's GAN baseline: decoder as generator, PatchGAN critic :class:`models.lsgan.LSGAN`
@@ -13,23 +14,28 @@ dhvae          the paper's method (the default)                                :
 
 A generator with a class is trained by :func:`models.train.fit` on a preset of ``models/config.py``
 (``config.model`` is its name) and sampled by :func:`models.sampler.sample_pairs`; one without draws
-its pairs from the real slices directly. The order is the reports' order (baselines first).
+its pairs from the real slices directly (``draw(slices, n, seed)``, with ``slices`` an
+:class:`imaging.preprocess.SliceSet`). The order is the reports' order (baselines first).
 To add a generator: a class with the interface of :class:`models.train.Trainable`, one entry here, and
 its name in ``contract/schemas.py``'s ``Generator`` (the drift test says so if you forget).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 from torch import nn
 
 from imaging.errors import DHVAEError
 
 from .config import DHVAEConfig
 from .dhvae import DHVAE
+from .insert import draw_insert
 from .lsgan import LSGAN
+from .traditional import draw_traditional
 
 if TYPE_CHECKING:
     from .train import Trainable
@@ -40,6 +46,7 @@ class GeneratorEntry:
     name: str
     description: str
     model_class: type[nn.Module] | None  # None: nothing to train (pairs come from the real slices)
+    draw: Callable[[Any, int, int], np.ndarray] | None = None  # (SliceSet, n, seed) -> (n, 2, H, W) pairs
 
     @property
     def trained(self) -> bool:
@@ -49,7 +56,13 @@ class GeneratorEntry:
 REGISTRY: dict[str, GeneratorEntry] = {
     e.name: e
     for e in (
-        GeneratorEntry("traditional", "flips and rotations of the real slices", None),
+        GeneratorEntry("traditional", "flips and rotations of the real slices", None, draw_traditional),
+        GeneratorEntry(
+            "insert",
+            "real tumours pasted into other slices of the training patients (TumorCP / CarveMix-like)",
+            None,
+            draw_insert,
+        ),
         GeneratorEntry("vae", "VAE baseline (no flow)", DHVAE),
         GeneratorEntry("hvae", "HVAE baseline (no discriminative regulariser)", DHVAE),
         GeneratorEntry("lsgan", "least-squares GAN baseline", LSGAN),

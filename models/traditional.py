@@ -87,3 +87,8 @@ def augment_pairs(
         out[i, 0] = np.clip(convert_to_numpy(image)[0], 0.0, 1.0)
         out[i, 1] = convert_to_numpy(mask)[0] > cfg.mask_threshold
     return out
+
+
+def draw_traditional(slices, n: int, seed: int) -> np.ndarray:
+    """The registry's draw: ``n`` augmented pairs of a cohort's balanced tumour slices (a SliceSet)."""
+    return augment_pairs(slices.slices, n, seed=seed)

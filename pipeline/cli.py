@@ -98,6 +98,12 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-pairs", type=int, required=True)
     p.add_argument("--slices-per-volume", type=int, default=1)
     p.add_argument("--min-mask-area", type=int, default=None, help="pixels (default 200 at 128x128, scaled)")
+    p.add_argument(
+        "--keep-background",
+        dest="zero_background",
+        action="store_false",
+        help="keep the generator's grey background (default: 0 outside the brain, as in the real cases)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    # `dhvae remote ...` is the service's client (dhvae_client.cli); main() hands it over before parsing
+    sub.add_parser(
+        "remote",
+        help="talk to a running service: upload, augment, status, download, evaluate",
+        add_help=False,
+    )
 
     p = sub.add_parser(
         "ingest", help="validate and preprocess a cohort; print its summary", formatter_class=DEFAULTS
@@ -139,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p, GENERATORS)
     _gen_args(p)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--real-cases",
+        choices=["resampled", "uploaded"],
+        default="resampled",
+        help="the real cases in the dataset: resampled as the model saw them, or as uploaded (original "
+        "grid, spacing and intensities)",
+    )
     p.add_argument("--model-dir", type=Path, default=None, help="default: OUT/../.OUT.model")
 
     p = sub.add_parser(
@@ -183,6 +202,11 @@ def _presets(as_json: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["remote"]:
+        from dhvae_client.cli import main as remote
+
+        return remote(argv[1:], prog="dhvae remote")
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 from imaging import __version__
+from imaging.cohort import CohortSpec
 from imaging.errors import CheckpointError, DHVAEError
-from imaging.export import MAX_SYNTHETIC, NnUNetExporter
+from imaging.export import MAX_SYNTHETIC, REAL_CASES, NnUNetExporter
 from imaging.files import atomic_file, sha256_file, write_json_atomic
 from imaging.ingest import IngestResult, ingest
 from imaging.journal import Journal, complete_prefix
-from imaging.preprocess import ResampledCase
+from imaging.preprocess import ResampledCase, zero_background
 from imaging.progress import ProgressFn, Reporter, StopFn
 from models.checkpoint import load_checkpoint, model_from_checkpoint
 from models.config import PRESETS, DHVAEConfig, SamplingConfig, get_preset
@@ -67,12 +68,18 @@ class TrainSpec:
 @dataclass(frozen=True)
 class SampleSpec:
     """A generation: ``n_pairs`` synthetic volumes of ``slices_per_volume`` slices each, drawn with
-    ``seed``; ``min_mask_area`` (pixels) overrides the model's rejection floor."""
+    ``seed``; ``min_mask_area`` (pixels) overrides the model's rejection floor. ``zero_background``
+    (our deviation, on by default; the paper says nothing of it): each synthetic image is set to 0
+    outside its brain (:func:`imaging.preprocess.zero_background`), the real cases' convention."""
 
     n_pairs: int
     seed: int = 0
     slices_per_volume: int = 1
     min_mask_area: int | None = None
+    zero_background: bool = True
+    real_cases: str = (
+        "resampled"  # an augmentation's real cases: "resampled" or "uploaded" (export.REAL_CASES)
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_pairs <= MAX_SYNTHETIC or self.slices_per_volume < 1:
@@ -82,6 +89,8 @@ class SampleSpec:
             )
         if self.seed < 0 or (self.min_mask_area is not None and self.min_mask_area < 0):
             raise DHVAEError("seed and min_mask_area must be >= 0")
+        if self.real_cases not in REAL_CASES:
+            raise DHVAEError(f"real_cases must be one of {', '.join(REAL_CASES)}, got {self.real_cases!r}")
 
 
 def spec_from(cls: type[Spec], values: Mapping[str, Any], **extra: Any) -> Spec:
@@ -219,11 +228,12 @@ def generate(
     spec: SampleSpec,
     *,
     out_dir: Path,
-    real_cases: list[ResampledCase] | None = None,
+    real_cases: Iterable[ResampledCase] | None = None,
     manifest_extras: dict[str, Any] | None = None,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     device: torch.device | str | None = None,
+    label_rule: str = "whole tumour (label > 0)",
 ) -> GenerateResult:
     """Write ``spec.n_pairs`` synthetic image/mask volumes (``spec.slices_per_volume`` slices each) to
     ``out_dir``: nnU-Net v2 raw layout, plus ``real_cases`` if given, ``dataset.json`` and ``manifest.json``.
@@ -241,6 +251,8 @@ def generate(
         str(extra.get("channel", "image")).upper(),
         grid=extra.get("grid_affine", np.eye(4)),
         slice_shape=(size, size),
+        real_cases_geometry=spec.real_cases,
+        label_rule=label_rule,
     )
     for case in real_cases or []:
         exporter.add_real_case(case)
@@ -251,6 +263,7 @@ def generate(
         "n_pairs": spec.n_pairs,
         "slices_per_volume": spec.slices_per_volume,
         "sampling": {**vars(sampling)},
+        "zero_background": spec.zero_background,
     }
     journal = Journal.open(out_dir, settings)
     done = complete_prefix(out_dir, spec.n_pairs)
@@ -291,7 +304,9 @@ def generate(
                 reporter.check_cancelled()
                 writer = exporter.open_synthetic(volume, per_volume)
             assert writer is not None
-            writer.write(item.image, item.mask)
+            writer.write(
+                zero_background(item.image, item.mask) if spec.zero_background else item.image, item.mask
+            )
             if k == per_volume - 1:
                 writer.close()
                 writer = None
@@ -315,6 +330,7 @@ def generate(
                 "n_pairs": spec.n_pairs,
                 "slices_per_volume": per_volume,
                 "min_mask_area": sampling.area_floor(size),
+                "zero_background": spec.zero_background,
                 "draws": draws,
                 "acceptance": round(passed / draws, 6) if draws else None,
             },
@@ -334,7 +350,7 @@ def _with_floor(cfg: DHVAEConfig, area: int) -> SamplingConfig:
 @dataclass
 class AugmentResult:
     out_dir: Path
-    checkpoint: Path | None  # None for "traditional"
+    checkpoint: Path | None  # None for a generator that trains nothing ("traditional", "insert")
     ingest: dict[str, Any]
     generation: GenerateResult
 
@@ -355,7 +371,8 @@ def augment(
     write the augmented dataset to ``out_dir``.
 
     ``train_spec.model`` names a generator of :mod:`models.registry`; one that trains nothing
-    ("traditional": flips and rotations of the real slices) goes straight to the export.
+    ("traditional": flips and rotations of the real slices; "insert": real tumours pasted into other
+    slices) goes straight to the export.
     """
     out_dir = Path(out_dir)
     model_dir = Path(model_dir) if model_dir else out_dir.parent / f".{out_dir.name}.model"
@@ -369,14 +386,22 @@ def augment(
     }
     hooks: dict[str, Any] = {"progress": progress, "should_stop": should_stop}
     if not get_generator(train_spec.model).trained:
-        gen = generate_traditional(ing, sample_spec, out_dir=out_dir, manifest_extras=cohort_info, **hooks)
+        gen = generate_untrained(
+            ing,
+            train_spec.model,
+            sample_spec,
+            out_dir=out_dir,
+            manifest_extras=cohort_info,
+            real=real_cases(data, ing, sample_spec),
+            **hooks,
+        )
         return AugmentResult(out_dir, None, ing.summary, gen)
     ckpt = train(ing, train_spec, model_dir=model_dir, device=device, **hooks)
     gen = generate(
         ckpt,
         sample_spec,
         out_dir=out_dir,
-        real_cases=ing.slices.cases,
+        real_cases=real_cases(data, ing, sample_spec),
         manifest_extras=cohort_info,
         device=device,
         **hooks,
@@ -384,26 +409,57 @@ def augment(
     return AugmentResult(out_dir, ckpt, ing.summary, gen)
 
 
-def generate_traditional(
+def uploaded_cases(cohort_dir: Path, spec: CohortSpec) -> Iterator[ResampledCase]:
+    """The cohort's cases as uploaded (original grid, spacing and intensities of ``spec``'s channel;
+    the mask by its label rule), one at a time."""
+    from imaging.cohort import load_case, read_cohort
+
+    for case in read_cohort(Path(cohort_dir), spec).cases:
+        image, mask, affine = load_case(case, spec)
+        yield ResampledCase(case.case_id, image, mask, affine)
+
+
+def real_cases(data: Path | IngestResult, ing: IngestResult, spec: SampleSpec) -> Iterable[ResampledCase]:
+    """The real cases an augmentation exports: resampled (what the model saw) or as uploaded."""
+    if spec.real_cases == "resampled":
+        return ing.slices.cases
+    if isinstance(data, IngestResult):
+        raise DHVAEError("real_cases='uploaded' needs the cohort folder, not an ingested cohort")
+    return uploaded_cases(Path(data), CohortSpec(channel=ing.channel))
+
+
+def generate_untrained(
     ing: IngestResult,
+    model: str,
     spec: SampleSpec,
     *,
     out_dir: Path,
+    real: Iterable[ResampledCase] | None = None,
     manifest_extras: dict[str, Any] | None = None,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> GenerateResult:
-    """The traditional-augmentation baseline in the same export: flips and rotations of real slices
-    (models/traditional.py), the real cases, dataset.json and manifest.json. Deterministic per seed."""
-    from models.traditional import TraditionalAugConfig, augment_pairs
+    """A generator that trains nothing, in the same export: its pairs drawn from the cohort's slices
+    (``models.registry`` ``draw``: flips and rotations, or pasted tumours), the real cases, dataset.json
+    and manifest.json. Deterministic per seed."""
+    from models.insert import InsertConfig
+    from models.traditional import TraditionalAugConfig
 
+    draw = get_generator(model).draw
+    if draw is None:
+        raise DHVAEError(f"generator {model!r} is trained: use train() and generate()")
     n_pairs, seed, slices_per_volume = spec.n_pairs, spec.seed, spec.slices_per_volume
-    slices = ing.slices.slices
-    size = slices.shape[-2:]
-    aug_cfg = TraditionalAugConfig()
-    pairs = augment_pairs(slices, n_pairs * slices_per_volume, seed=seed, cfg=aug_cfg)
-    exporter = NnUNetExporter(out_dir, ing.channel.upper(), grid=ing.slices.cases[0].affine, slice_shape=size)
-    for case in ing.slices.cases:
+    size = ing.slices.slices.shape[-2:]
+    config = vars(TraditionalAugConfig() if model == "traditional" else InsertConfig())
+    pairs = draw(ing.slices, n_pairs * slices_per_volume, seed)
+    exporter = NnUNetExporter(
+        out_dir,
+        ing.channel.upper(),
+        grid=ing.slices.cases[0].affine,
+        slice_shape=size,
+        real_cases_geometry=spec.real_cases,
+    )
+    for case in ing.slices.cases if real is None else real:
         exporter.add_real_case(case)
     reporter = Reporter("generate", n_pairs, "pairs", progress, should_stop)
     for v in range(n_pairs):
@@ -414,7 +470,7 @@ def generate_traditional(
         reporter.report(v + 1)
     exporter.finalize(
         {
-            "generator": {"model": "traditional", "config": vars(aug_cfg)},
+            "generator": {"model": model, "config": config},
             "generation": {"seed": seed, "n_pairs": n_pairs, "slices_per_volume": slices_per_volume},
             **(manifest_extras or {}),
         }

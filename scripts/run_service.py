@@ -160,11 +160,13 @@ def main() -> int:
         start("api", [str(bindir / API_ARGV[0]), *API_ARGV[1:], "--host", host, "--port", port])
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         wait_for_http(f"{url}/health/live")
-        print(f"\n  dHVAE augmentation service: {url}   (API docs: {url}/docs)")
+        print(f"\n  web console: {url}/   (sign in with the API key below)")
+        print(f"  dHVAE augmentation service: {url}   (API docs: {url}/docs)")
         print(f"  Redis: {env['DHVAE_REDIS_URL']}   data: {data_dir}")
         if key:
             print(f"  development API key (tenant 'dev'): {key}")
             print(f"  try:  curl -H 'Authorization: Bearer {key}' {url}/v1/jobs")
+            print(f"  or:   dhvae remote --url {url} --key {key} upload path/to/cohort/")
         print("  Ctrl-C stops everything.\n", flush=True)
         supervisor = Supervisor(procs, argvs, env, lambda: stopping)
         while not stopping:

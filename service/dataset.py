@@ -77,13 +77,29 @@ async def stream_dataset(
     yield zs.close()
 
 
-def preview_png(out_dir: Path, n: int, synthetic_only: bool = True) -> bytes | None:
-    """A grid of up to ``n`` pairs: each image's middle tumour slice, grey, with the mask outline in red."""
+def synthetic_pairs_page(out_dir: Path, offset: int, limit: int) -> tuple[int, list[dict]]:
+    """``(total, [{"case", "slices", "mask_area_px"}])``: a page of the generated pairs on disk so far."""
+    import nibabel as nib
+    import numpy as np
+
+    pairs = [p for p in published_pairs(out_dir) if p[0].startswith("synth")]
+    items = []
+    for case, files in pairs[offset : offset + limit]:
+        mask = np.asarray(nib.Nifti1Image.from_filename(out_dir / files[-1]).dataobj) > 0
+        depth = mask.shape[-1] if mask.ndim == 3 else 1
+        items.append({"case": case, "slices": depth, "mask_area_px": int(mask.sum())})
+    return len(pairs), items
+
+
+def preview_png(out_dir: Path, n: int, synthetic_only: bool = True, offset: int = 0) -> bytes | None:
+    """A grid of up to ``n`` pairs from the ``offset``-th: each image's slice with the most tumour, grey,
+    with the mask outline in red."""
     import nibabel as nib
     import numpy as np
     from PIL import Image
 
-    pairs = [p for p in published_pairs(out_dir) if not synthetic_only or p[0].startswith("synth")][:n]
+    pairs = [p for p in published_pairs(out_dir) if not synthetic_only or p[0].startswith("synth")]
+    pairs = pairs[offset : offset + n]
     if not pairs:
         return None
     tiles = []
@@ -104,6 +120,23 @@ def preview_png(out_dir: Path, n: int, synthetic_only: bool = True) -> bytes | N
         grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = t
     buf = io.BytesIO()
     Image.fromarray(grid).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def case_preview_png(root: Path, case_id: str, channel: str | None) -> bytes:
+    """PNG of a stored cohort case's axial slice with the most tumour (mask outline in red)."""
+    import numpy as np
+    from PIL import Image
+
+    from imaging.cohort import CohortSpec, load_case, read_cohort
+
+    spec = CohortSpec(channel=channel) if channel else CohortSpec()
+    case = next(c for c in read_cohort(root, spec).cases if c.case_id == case_id)
+    image, mask, _ = load_case(case, spec)
+    areas = mask.reshape(-1, mask.shape[-1]).sum(0)
+    z = int(np.argmax(areas)) if areas.any() else image.shape[-1] // 2
+    buf = io.BytesIO()
+    Image.fromarray(_tile(image[..., z], mask[..., z] > 0)).save(buf, format="PNG")
     return buf.getvalue()
 
 

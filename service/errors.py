@@ -29,6 +29,10 @@ AUTHED: Responses = {
 }
 
 
+# The schema of a binary body (a zip, a PNG), so that client generators make it a file.
+BINARY: dict[str, str] = {"type": "string", "format": "binary"}
+
+
 class ApiError(Exception):
     def __init__(
         self,

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service import errors
+from service import errors, web
 from service.deps import Context
 from service.edge import EdgeMiddleware
 from service.routes import augmentations, cohorts, evaluations, generations, health, jobs, models, trainings
@@ -43,6 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         # no trailing-slash redirects: their Location would be built from the client's Host header
         redirect_slashes=False,
+        docs_url=None,  # service/web.py serves Swagger UI with local assets
+        redoc_url=None,
     )
     app.state.ctx = ctx
     errors.install(app)
@@ -54,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (cohorts, trainings, generations, augmentations, evaluations, models, jobs, health):
         app.include_router(module.router)
+    web.install(app)
     app.openapi = lambda: _with_limits(app, settings)  # type: ignore[method-assign]
     return app
 

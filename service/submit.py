@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 
 from contract.records import JobRecord, ModelRecord
 from contract.schemas import (
+    UNTRAINED,
     AugmentationRequest,
     AugmentTask,
     ErrorOut,
@@ -123,15 +124,20 @@ def submit_model_job(
     payload_cls: type[TrainTask] | type[AugmentTask],
 ) -> JSONResponse:
     """A job that trains a model (a training or an augmentation): check the request against the
-    tenant's cohorts and models, reserve the model id (ready when the job succeeds), enqueue, 202."""
+    tenant's cohorts and models, reserve the model id (ready when the job succeeds), enqueue, 202.
+    An augmentation by a generator that trains nothing (``UNTRAINED``) reserves no model."""
     check_max(body.steps, ctx.settings.max_steps, "steps")
     require_cohort(ctx, tenant, body.cohort_id)
     if body.base_model_id:
+        if body.model in UNTRAINED:
+            raise ApiError(422, f"{body.model} trains nothing: it cannot fine-tune base_model_id")
         require_model(ctx, tenant, body.base_model_id)
-    job_id, model_id = new_id("job"), new_id("mdl")
+    job_id = new_id("job")
+    model_id = None if body.model in UNTRAINED else new_id("mdl")
     request = body.model_dump()
-    described = {k: v for k, v in request.items() if k in ModelRecord.model_fields}
-    create_model_record(ctx, tenant, model_id, source="training", job_id=job_id, **described)
+    if model_id:
+        described = {k: v for k, v in request.items() if k in ModelRecord.model_fields}
+        create_model_record(ctx, tenant, model_id, source="training", job_id=job_id, **described)
     try:
         submit(
             ctx,
@@ -144,6 +150,7 @@ def submit_model_job(
             model_id=model_id,
         )
     except ApiError:  # no job will ever fill the reserved model: it goes too
-        ctx.storage.delete(tenant, "models", model_id)
+        if model_id:
+            ctx.storage.delete(tenant, "models", model_id)
         raise
     return accepted(job_id, kind, model_id)

@@ -16,12 +16,21 @@ def test_generator_names_are_the_registry_s():
     assert set(get_args(schemas.Generator)) == set(TRAINED)  # what a training can fit
     assert set(get_args(schemas.Baseline)) == set(GENERATORS) - {DEFAULT}  # what an evaluation compares
     assert schemas.TrainingRequest.model_fields["model"].default == DEFAULT
+    assert set(get_args(schemas.Method)) == set(GENERATORS)  # what an augmentation can use
+    assert set(schemas.UNTRAINED) == set(get_args(schemas.Untrained)) == set(GENERATORS) - set(TRAINED)
 
 
 def test_registry_entries_build_what_they_name():
     for name in TRAINED:
         cfg = PRESETS["tiny"].replace(model=name)
         assert isinstance(REGISTRY[name].model_class(cfg), REGISTRY[name].model_class)
+
+
+def test_crossval_arms_are_efficacy_s():
+    from efficacy.crossval import ARMS, REFERENCE, CVConfig
+
+    assert set(get_args(schemas.Arm)) == set(ARMS) and REFERENCE in get_args(schemas.Arm)
+    assert schemas.EvaluationRequest.model_fields["arms"].default == list(CVConfig().arms)
 
 
 def test_presets_protocols_and_unet_widths():

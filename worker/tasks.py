@@ -146,16 +146,19 @@ def augment(payload: dict) -> None:
             _train_spec(ctx, req),
             pipeline.spec_from(pipeline.SampleSpec, req.model_dump()),
             out_dir=out_dir,
-            model_dir=ctx.storage.path(ctx.tenant, "models", req.model_id),
+            # a generator that trains nothing ("traditional", "insert") has no model
+            model_dir=ctx.storage.path(ctx.tenant, "models", req.model_id) if req.model_id else None,
             cache_dir=ctx.storage.cache_dir(ctx.tenant, req.cohort_id),
             progress=ctx.progress,
             should_stop=ctx.should_stop,
         )
-        _model_ready(ctx, req.model_id)
+        if req.model_id:
+            _model_ready(ctx, req.model_id)
 
     def cleanup(ctx: JobContext, state: JobState) -> None:
         _remove_output(ctx)
-        _model_ended(ctx, req.model_id, state)
+        if req.model_id:
+            _model_ended(ctx, req.model_id, state)
 
     run_job(req.job_id, req.tenant, body, cleanup)
 
@@ -176,6 +179,27 @@ def evaluate(payload: dict) -> None:
             cache_dir=ctx.storage.cache_dir(ctx.tenant, req.cohort_id),
             progress=ctx.progress,
         )
+        out_dir = ctx.storage.path(ctx.tenant, "outputs", req.job_id)
+        if req.design == "crossval":
+            from efficacy import crossval
+
+            cv = crossval.CVConfig(
+                arms=tuple(dict.fromkeys(req.arms)),
+                folds=req.folds,
+                seeds=tuple(req.seed_list()),
+                max_steps=req.max_steps,
+                n_synthetic=max(req.n_pairs),
+                eval_every=max(1, req.max_steps // 10),
+                preset=req.preset,
+                generator_steps=req.steps,
+                segmenter=segmenter_config(channels=UNET_WIDTHS[req.unet]),
+            )
+            report = crossval.run_crossval(
+                ing, cv, out_dir / "work", progress=ctx.progress, should_stop=ctx.should_stop
+            )
+            report.update({"cohort_id": req.cohort_id, "design": "crossval"})
+            crossval.write_crossval(report, out_dir, "report")
+            return
         cfg = grid.EfficacyConfig(
             methods=tuple(dict.fromkeys((req.model, *req.baselines))),
             n_synthetic=tuple(sorted(set(req.n_pairs))),
@@ -189,7 +213,7 @@ def evaluate(payload: dict) -> None:
         report = grid.evaluate_cohort(
             grid.split_cohort(ing, seed=req.split_seed, test_fraction=req.test_fraction),
             cfg,
-            ctx.storage.path(ctx.tenant, "outputs", req.job_id),
+            out_dir,
             details={"cohort_id": req.cohort_id, "model_id": req.model_id},
             progress=ctx.progress,
             should_stop=ctx.should_stop,

@@ -9,9 +9,11 @@ from fastapi.responses import JSONResponse
 
 from contract.records import CohortRecord
 from contract.schemas import ID_PATTERN, TERMINAL_STATES, CohortList, CohortOut, ErrorOut
+from imaging.files import atomic_file
 from runtime.storage import new_id
+from service.dataset import case_preview_png
 from service.deps import Ctx, Tenant
-from service.errors import AUTHED, ApiError, Responses, not_found
+from service.errors import AUTHED, BINARY, ApiError, Responses, not_found
 from service.lookups import require_cohort
 from service.uploads import ZIP_TYPES, ingest_cohort, stream_to_file
 
@@ -40,7 +42,11 @@ def cohort_out(record: CohortRecord) -> CohortOut:
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+            # application/octet-stream too: what generated clients (openapi-python-client) send
+            "content": {
+                "application/zip": {"schema": BINARY},
+                "application/octet-stream": {"schema": BINARY},
+            },
         }
     },
 )
@@ -86,6 +92,30 @@ def list_cohorts(ctx: Ctx, tenant: Tenant) -> CohortList:
 @router.get("/{cohort_id}", response_model=CohortOut, responses={404: {"model": ErrorOut}})
 def get_cohort(cohort_id: CohortId, ctx: Ctx, tenant: Tenant) -> CohortOut:
     return cohort_out(require_cohort(ctx, tenant, cohort_id))
+
+
+@router.get(
+    "/{cohort_id}/cases/{case_id}/preview.png",
+    response_class=Response,
+    responses={404: {"model": ErrorOut}, 200: {"content": {"image/png": {"schema": BINARY}}}},
+)
+def case_preview(
+    cohort_id: CohortId, case_id: Annotated[str, Path(max_length=200)], ctx: Ctx, tenant: Tenant
+) -> Response:
+    """One case's axial slice with the most tumour, grey, with the tumour outline in red (the cohort's
+    channel and label rule, as the engine reads them). Made once, then served from the cohort's cache."""
+    record = require_cohort(ctx, tenant, cohort_id)
+    if case_id not in record.cases:
+        raise not_found("case", case_id)
+    cache = ctx.storage.cache_dir(tenant, cohort_id) / "previews" / f"{record.cases.index(case_id)}.png"
+    if not cache.is_file():
+        png = case_preview_png(ctx.storage.cohort_files(tenant, record), case_id, record.channel)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(cache, "wb") as f:
+            f.write(png)
+    return Response(
+        cache.read_bytes(), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
+    )
 
 
 @router.delete(

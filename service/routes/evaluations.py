@@ -74,7 +74,17 @@ def create_evaluation(
             generator = model.model or "dhvae"
         else:
             check_max(body.steps, ctx.settings.max_steps, "steps")
-        warnings = split_warnings(len(cohort.cases), body.test_fraction)
+        if body.design == "crossval":
+            check_max(body.max_steps, ctx.settings.max_steps, "max_steps")
+            if len(cohort.cases) - -(-len(cohort.cases) // body.folds) < 2:
+                raise ApiError(
+                    422,
+                    f"cohort {body.cohort_id} has {len(cohort.cases)} patients: too few for {body.folds} folds "
+                    "with at least 2 training patients each (one of them validates the step budget)",
+                )
+            warnings = []
+        else:
+            warnings = split_warnings(len(cohort.cases), body.test_fraction)
         job_id = new_id("job")
         request = body.model_dump()
         payload = EvaluateTask(

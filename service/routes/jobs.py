@@ -13,11 +13,21 @@ from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from contract.records import JobRecord
-from contract.schemas import ID_PATTERN, TERMINAL_STATES, ErrorOut, JobKind, JobList, JobOut, JobState
+from contract.schemas import (
+    ID_PATTERN,
+    TERMINAL_STATES,
+    ErrorOut,
+    JobKind,
+    JobList,
+    JobOut,
+    JobState,
+    PairOut,
+    PairPage,
+)
 from runtime.jobs import aget, events_key, read_event
-from service.dataset import preview_png, stream_dataset
+from service.dataset import preview_png, stream_dataset, synthetic_pairs_page
 from service.deps import Context, Ctx, Tenant
-from service.errors import AUTHED, ApiError, Responses, not_found
+from service.errors import AUTHED, BINARY, ApiError, Responses, not_found
 from service.submit import DATASET_KINDS, end_unstarted, job_links
 
 log = logging.getLogger(__name__)
@@ -128,7 +138,10 @@ def _dataset_job(ctx: Context, tenant: str, job_id: str) -> JobRecord:
     responses={
         **NOT_FOUND,
         409: {"model": ErrorOut},
-        200: {"content": {"application/zip": {}}, "description": "nnU-Net v2 raw dataset, streamed"},
+        200: {
+            "content": {"application/zip": {"schema": BINARY}},
+            "description": "nnU-Net v2 raw dataset, streamed",
+        },
     },
 )
 def download(job_id: JobId, ctx: Ctx, tenant: Tenant) -> StreamingResponse:
@@ -152,15 +165,39 @@ def download(job_id: JobId, ctx: Ctx, tenant: Tenant) -> StreamingResponse:
 @router.get(
     "/{job_id}/preview.png",
     response_class=Response,
-    responses={**NOT_FOUND, 409: {"model": ErrorOut}, 200: {"content": {"image/png": {}}}},
+    responses={**NOT_FOUND, 409: {"model": ErrorOut}, 200: {"content": {"image/png": {"schema": BINARY}}}},
 )
-def preview(job_id: JobId, ctx: Ctx, tenant: Tenant, n: Annotated[int, Query(ge=1, le=64)] = 16) -> Response:
-    """Up to ``n`` generated pairs side by side (image with the mask outline in red)."""
+def preview(
+    job_id: JobId,
+    ctx: Ctx,
+    tenant: Tenant,
+    n: Annotated[int, Query(ge=1, le=64)] = 16,
+    offset: Annotated[int, Query(ge=0, le=10**7)] = 0,
+) -> Response:
+    """Up to ``n`` generated pairs from the ``offset``-th, side by side, 4 per row (each image's slice
+    with the most tumour, the mask outline in red): the console's gallery pages through them."""
     _dataset_job(ctx, tenant, job_id)
-    png = preview_png(ctx.storage.path(tenant, "outputs", job_id), n)
+    png = preview_png(ctx.storage.path(tenant, "outputs", job_id), n, offset=offset)
+    if png is None and offset:
+        raise ApiError(404, f"job {job_id} has no generated pair at offset {offset} yet")
     if png is None:
         raise ApiError(409, f"job {job_id} has no generated pair yet; retry when progress.done > 0")
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/{job_id}/pairs", response_model=PairPage, responses={**NOT_FOUND, 409: {"model": ErrorOut}})
+def pairs(
+    job_id: JobId,
+    ctx: Ctx,
+    tenant: Tenant,
+    offset: Annotated[int, Query(ge=0, le=10**7)] = 0,
+    limit: Annotated[int, Query(ge=1, le=64)] = 16,
+) -> PairPage:
+    """The generated pairs written so far, a page at a time: name, slices and mask area of each (the
+    gallery's captions; ``preview.png`` with the same ``offset`` and ``n`` draws them)."""
+    _dataset_job(ctx, tenant, job_id)
+    total, items = synthetic_pairs_page(ctx.storage.path(tenant, "outputs", job_id), offset, limit)
+    return PairPage(total=total, offset=offset, items=[PairOut(**i) for i in items])
 
 
 def _report_file(ctx: Context, tenant: str, job_id: str, name: str) -> bytes:
@@ -190,7 +227,7 @@ def report_json(job_id: JobId, ctx: Ctx, tenant: Tenant) -> Response:
 @router.get(
     "/{job_id}/report.png",
     response_class=Response,
-    responses={**NOT_FOUND, 409: {"model": ErrorOut}, 200: {"content": {"image/png": {}}}},
+    responses={**NOT_FOUND, 409: {"model": ErrorOut}, 200: {"content": {"image/png": {"schema": BINARY}}}},
 )
 def report_png(job_id: JobId, ctx: Ctx, tenant: Tenant) -> Response:
     """Dice against the number of synthetic pairs, per method and protocol (mean +- std over seeds)."""

@@ -240,3 +240,19 @@ def test_brats_training_cases(tmp_path: Path) -> None:
     assert [c.image.shape for c in result.cases] == [(128, 128, 64)] * 2
     np.testing.assert_array_equal(result.slices, cached.slices)
     assert warm < cold
+
+
+def test_zero_background_keeps_the_brain_and_the_tumour():
+    from imaging.preprocess import zero_background
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    brain = (yy - 32) ** 2 + (xx - 32) ** 2 < 20**2
+    img = np.where(brain, 0.6, 0.08) + rng.normal(0, 0.02, (64, 64))
+    img[30:34, 30:34] = 0.1  # a dark spot inside the brain is a hole, filled: kept
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:14, 30:34] = 1  # a tumour on the brain's edge stays on tissue
+    out = zero_background(img.astype(np.float32), mask)
+    assert (out[~brain & (mask == 0)] == 0).mean() > 0.99
+    assert np.array_equal(out[brain], img.astype(np.float32)[brain])
+    assert (out[mask > 0] > 0).all()

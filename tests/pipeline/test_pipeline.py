@@ -236,7 +236,7 @@ def test_presets_json():
     assert 55e6 < p["encoder"] + p["decoder"] < 70e6
 
 
-@pytest.mark.parametrize("model", ["hvae", "traditional"])
+@pytest.mark.parametrize("model", ["hvae", "traditional", "insert"])
 def test_augment_with_a_baseline_gives_the_same_export(trained, tmp_path, model):
     root, cohort, _, _ = trained
     r = pipeline.augment(
@@ -249,7 +249,33 @@ def test_augment_with_a_baseline_gives_the_same_export(trained, tmp_path, model)
     manifest = verify_dataset(tmp_path / model)
     assert manifest["generator"]["model"] == model
     assert json.loads((tmp_path / model / "dataset.json").read_text())["synthetic_cases"] == 2
-    assert (r.checkpoint is None) == (model == "traditional")
+    assert (r.checkpoint is None) == (model in ("traditional", "insert"))
+    dataset = json.loads((tmp_path / model / "dataset.json").read_text())
+    assert dataset["real_cases_geometry"].startswith("resampled") and "label_mapping" in dataset
+    if model == "hvae":  # a generated image is 0 outside its brain (zero_background, the default)
+        img = np.asarray(nib.load(tmp_path / model / "imagesTr" / "synth_00000_0000.nii.gz").dataobj)
+        assert (img == 0).any()
+
+
+def test_augment_can_export_the_cases_as_uploaded(trained, tmp_path):
+    root, cohort, _, _ = trained
+    pipeline.augment(
+        cohort,
+        TrainSpec(model="traditional", preset="tiny", steps=1, seed=0),
+        SampleSpec(n_pairs=2, seed=0, real_cases="uploaded"),
+        out_dir=tmp_path / "out",
+        cache_dir=root / "cache-uploaded",
+        device="cpu",
+    )
+    verify_dataset(tmp_path / "out")
+    dataset = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert dataset["real_cases_geometry"].startswith("as uploaded") and dataset["real_cases"] == 3
+    real = sorted((tmp_path / "out" / "labelsTr").glob("phantom_*"))
+    original = nib.load(sorted(cohort.rglob("*.nii.gz"))[0])
+    assert nib.load(real[0]).shape == original.shape[:3] == (80, 80, 40)  # the upload's own grid
+    assert set(np.unique(np.asarray(nib.load(real[0]).dataobj))) <= {0, 1}
+    with pytest.raises(Exception, match="real_cases"):
+        SampleSpec(n_pairs=1, real_cases="original")
 
 
 def test_cli_nits(tmp_path, capsys):

@@ -298,3 +298,44 @@ def test_evaluate_writes_the_report(env, cohort_files):
     }
     assert (out / "report.png").stat().st_size > 1000 and (out / "report.md").is_file()
     assert "evaluate" in jobs.stages(job_id)
+
+
+def test_augment_with_insert_makes_no_model(env, cohort_files):
+    tasks, jobs, storage = env
+    cohort_id = store_cohort(storage, cohort_files)
+    job_id = new_job(jobs, JobKind.augmentation)
+    payload = {"job_id": job_id, "tenant": TENANT, "cohort_id": cohort_id, "model": "insert"}
+    tasks.augment({**payload, "n_pairs": 2, "steps": 1})
+    assert jobs.state(job_id) == JobState.succeeded, jobs.error(job_id)
+    out = storage.path(TENANT, "outputs", job_id)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["generator"]["model"] == "insert" and not storage.list_ids(TENANT, "models")
+
+
+@pytest.mark.slow  # ~20 s: six tiny U-Nets on 128 px slices and their 3D metrics
+def test_evaluate_crossval_writes_the_recommendation(env, tmp_path):
+    tasks, jobs, storage = env
+    files = make_phantom_cohort(tmp_path / "files", n_cases=4, shape=(48, 48, 16), seed=3)
+    cohort_id = store_cohort(storage, files)
+    job_id = new_job(jobs, JobKind.evaluation)
+    tasks.evaluate(
+        {
+            "job_id": job_id,
+            "tenant": TENANT,
+            "cohort_id": cohort_id,
+            "design": "crossval",
+            "folds": 2,
+            "max_steps": 10,
+            "n_pairs": [8],
+            "arms": ["real", "insert"],
+            "seeds": 1,
+            "unet": "tiny",
+        }
+    )
+    assert jobs.state(job_id) == JobState.succeeded, jobs.error(job_id)
+    out = storage.path(TENANT, "outputs", job_id)
+    report = json.loads((out / "report.json").read_text())
+    assert report["design"] == "crossval" and report["recommendation"]["words"]
+    assert {r["arm"] for r in report["rows"]} == {"real", "real_aug", "insert"}
+    assert {r["n"] for r in report["rows"] if r["arm"] == "insert"} == {8}
+    assert len(report["folds"]) == 2 and (out / "report.md").is_file() and (out / "report.png").is_file()

@@ -1,0 +1,88 @@
+"""Cross-validated efficacy on the six shared BraTS cases (issue 11, part A): efficacy/crossval.py.
+
+3 folds of 4 training and 2 test patients (every patient tested once), the strong baseline (real slices
+with MONAI online augmentation), a step budget chosen per fold on an inner validation patient, paired
+gains with a patient-level bootstrap interval.
+
+    .venv/bin/python bench/efficacy/cv.py                                  # the default arms, 5 seeds
+    .venv/bin/python bench/efficacy/cv.py --seeds 3 --arms real real_aug insert insert_online
+    .venv/bin/python bench/efficacy/cv.py --report-only                    # report what is done
+
+Results: bench/results/efficacy_cv.{json,md,png}. Resumable: the work folder (runs/efficacy_cv) keeps
+every finished run; the same command continues. Arms may be added; other settings need a new folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared-data helpers
+from machine import machine  # noqa: E402
+
+from brats import REPO, combined_cohort  # noqa: E402
+from efficacy.crossval import ARMS, CVConfig, run_crossval, write_crossval  # noqa: E402
+from efficacy.segmenter import UNET_WIDTHS, segmenter_config  # noqa: E402
+from imaging.cohort import CohortSpec  # noqa: E402
+from pipeline import pipeline  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arms", nargs="+", choices=sorted(ARMS), help="default: CVConfig's")
+    ap.add_argument("--seeds", type=int, default=5, help="U-Net seeds 0..n-1")
+    ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--unet", choices=sorted(UNET_WIDTHS), default="small")
+    ap.add_argument("--max-steps", type=int, default=1200, help="inner validation: longest run")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--generator-steps", type=int, default=2000)
+    ap.add_argument(
+        "--n", type=int, help="offline pairs of every arm that has them (default: each arm's, 500)"
+    )
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--name", default="efficacy_cv")
+    ap.add_argument("--work", type=Path, help="work folder (default: runs/<name>)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench/results")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    work = args.work or REPO / "runs" / args.name
+    kw = {"arms": tuple(args.arms)} if args.arms else {}
+    cfg = CVConfig(
+        **kw,
+        folds=args.folds,
+        seeds=tuple(range(args.seeds)),
+        max_steps=args.max_steps,
+        eval_every=args.eval_every,
+        preset=args.preset,
+        generator_steps=args.generator_steps,
+        n_synthetic=args.n,
+        segmenter=segmenter_config(channels=UNET_WIDTHS[args.unet]),
+    )
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cohort = combined_cohort(["train", "validation", "test"], Path(tmp))
+        ing = pipeline.ingest(cohort, cache_dir=work / "cache", spec=CohortSpec(channel="flair"))
+    device = pipeline.default_device()
+    report = run_crossval(ing, cfg, work, device=device, report_only=args.report_only)
+    report["machine"] = machine()
+    report["command"] = " ".join([".venv/bin/python bench/efficacy/cv.py", *map(shlex.quote, sys.argv[1:])])
+    report["wall_minutes_this_invocation"] = round((time.perf_counter() - t0) / 60, 1)
+    m = report["machine"]
+    extra = (
+        f"\nCommand: `{report['command']}`. Machine: {m['cpu']} ({m['cores']} cores, flags "
+        f"{', '.join(m['cpu_flags']) or 'none of ' + 'avx2/avx512'}), torch {m['torch']}, "
+        f"{m['threads']} threads{', ' + m['cuda'] if m['cuda'] else ''}. U-Net widths `{args.unet}`. "
+        f"Plot: `{args.name}.png`. Raw rows: `{args.name}.json`.\n"
+    )
+    write_crossval(report, args.out, args.name, extra)
+    print((args.out / f"{args.name}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

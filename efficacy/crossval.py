@@ -1,0 +1,631 @@
+"""Does a recipe beat real data with online augmentation? Patient-level cross-validation (issue 11, A).
+
+The protocol, for a cohort of P patients and ``folds`` folds (the shared BraTS cases: 6 patients, 3 folds
+of 4 training and 2 test patients, so that every patient is tested once):
+
+1. **folds** (:func:`make_folds`): the patients, shuffled by ``fold_seed``, cut into ``folds`` test
+   groups; each fold trains on the others. Every generator is fitted per fold, on that fold's training
+   patients only, and nothing of a test patient reaches it.
+2. **the U-Net's data**: every tumour slice of the training patients plus tumour-free brain slices of
+   the same patients (``tumour_free_ratio`` of them per tumour slice, seeded), so that the U-Net learns
+   to say "no tumour" and its 3D Dice, HD95 and false-positive volume mean something.
+3. **the step budget without the test patients** (:func:`choose_budget`): one training patient of the
+   fold is held out (inner validation); the strong baseline trains on the others up to ``max_steps``,
+   its slice Dice on the held-out patient measured every ``eval_every`` steps; the budget is the first
+   step count whose (3-point smoothed) validation Dice is within ``plateau_tol`` of the curve's best.
+   Every arm of the fold then trains that many steps (arms marked ``fixed_epochs``: the paper's 40
+   epochs, a comparison row).
+4. **arms** (:data:`ARMS`): what a U-Net trains on and how. ``real_aug``, real slices with the online
+   augmentation of :mod:`efficacy.online` at every step, is the strong baseline every other arm is
+   compared with; every arm but the plain ``real`` rows gets the same online augmentation on top of
+   its pairs. Offline pairs are mixed at a fixed real fraction per batch
+   (:class:`efficacy.segmenter.LoaderRecipe`).
+5. **statistics** (:func:`summarise`): ``seeds`` U-Net seeds per (fold, arm). Paired differences
+   against the strong baseline per (fold, seed), and a 95 % interval of the mean gain from a
+   patient-level bootstrap (patients resampled with replacement; each patient's gain is the mean over
+   seeds of its paired per-patient differences). An arm "helps" when that interval lies above 0.
+
+Every finished run is appended to ``work_dir/rows.jsonl`` (with its settings), pairs and budgets are
+cached per fold, so a killed run started again continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from imaging.errors import DHVAEError
+from imaging.files import atomic_file, write_json_atomic, write_npy_atomic
+from imaging.ingest import IngestResult
+from imaging.preprocess import ResampledCase
+from imaging.progress import ProgressFn, Reporter, StopFn
+from models.insert import OnlineInsert, brain_mask, insert_pairs, recipient_slices
+from models.registry import GENERATORS
+
+from .grid import EfficacyConfig, EfficacyData, read_rows, split_cohort, synthetic_pairs
+from .online import OnlineAugment
+from .segmenter import (
+    LoaderRecipe,
+    OnlineTransform,
+    PatientSplit,
+    SegmenterConfig,
+    TrainingProtocol,
+    evaluate_segmenter,
+    train_segmenter,
+    training_steps,
+)
+
+log = logging.getLogger(__name__)
+
+CV_METRICS = ("dice_slice", "dice_3d", "hd95", "fp_volume")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the comparison: the offline pairs a U-Net gets, and how its loader draws them.
+
+    ``method``: where the offline pairs come from: "none", a generator of :mod:`models.registry`
+    ("insert" included), or "insert_dhvae" (dHVAE tumours pasted into real slices). ``online_insert``:
+    the probability that a slice of a batch receives a real tumour of the training patients in the
+    loader (TumorCP's online copy-paste). ``pretrain_fraction``: the share of the budget spent on
+    synthetic pairs alone before the mixed batches (synthetic pretraining, then real fine-tuning).
+    """
+
+    name: str
+    method: str = "none"
+    n: int = 0
+    online_aug: bool = True
+    online_insert: float = 0.0
+    real_fraction: float | None = 0.75
+    synthetic_weight: float = 1.0
+    pretrain_fraction: float = 0.0
+    budget: Literal["inner", "fixed_epochs"] = "inner"
+
+    def __post_init__(self) -> None:
+        if self.method not in PAIR_SOURCES:
+            raise DHVAEError(f"arm {self.name}: unknown pair source {self.method!r}")
+        if (self.method == "none") != (self.n == 0):
+            raise DHVAEError(f"arm {self.name}: offline pairs need a method and N > 0 together")
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "name"}
+
+
+PAIR_SOURCES = ("none", *GENERATORS, "insert_dhvae")
+
+REFERENCE = "real_aug"  # the strong baseline
+ARMS: dict[str, Arm] = {
+    a.name: a
+    for a in (
+        Arm("real", online_aug=False),  # plain real-only, the issue-4 reference
+        Arm(REFERENCE),
+        Arm("real_fixed_epochs", online_aug=False, budget="fixed_epochs"),  # the paper's protocol
+        Arm("traditional", method="traditional", n=500),
+        Arm("insert", method="insert", n=500),  # real tumours pasted offline (CarveMix / TumorCP-like)
+        Arm("insert_online", online_insert=0.5),  # ... and in the loader (TumorCP)
+        Arm("dhvae", method="dhvae", n=500),
+        Arm("dhvae_pretrain", method="dhvae", n=500, pretrain_fraction=0.3),
+        Arm("insert_dhvae", method="insert_dhvae", n=500),  # dHVAE tumours pasted into real slices
+        Arm("vae", method="vae", n=500),
+    )
+}
+
+
+@dataclass(frozen=True)
+class CVConfig:
+    """The cross-validated grid: which arms, folds and seeds, and the settings every arm shares."""
+
+    arms: tuple[str, ...] = ("real", REFERENCE, "insert", "insert_online")
+    folds: int = 3
+    fold_seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    tumour_free_ratio: float = 0.25
+    max_steps: int = 1200
+    eval_every: int = 100
+    plateau_tol: float = 0.005
+    preset: str = "small"  # the learned generators (dhvae, vae, insert_dhvae's donors)
+    generator_steps: int = 2000
+    generator_seed: int = 0
+    sample_seed: int = 1
+    bootstrap: int = 2000
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    n_synthetic: int | None = None  # N of every arm with offline pairs (None: each arm's own, 500)
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise DHVAEError(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+        if REFERENCE not in self.arms:
+            object.__setattr__(self, "arms", (REFERENCE, *self.arms))
+        if self.folds < 2 or not self.seeds:
+            raise DHVAEError("a cross-validation needs at least 2 folds and one seed")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def arm(self, name: str) -> Arm:
+        """The arm ``name`` with this run's N."""
+        arm = ARMS[name]
+        return replace(arm, n=self.n_synthetic) if arm.n and self.n_synthetic else arm
+
+
+def make_folds(case_ids: Sequence[str], folds: int, *, seed: int) -> list[PatientSplit]:
+    """``folds`` patient-level splits whose test groups partition the patients (sizes differ by <= 1)."""
+    patients = sorted(set(case_ids))
+    if len(patients) < folds or len(patients) - math.ceil(len(patients) / folds) < 2:
+        raise DHVAEError(
+            f"{len(patients)} patient(s) cannot make {folds} folds with at least 2 training patients each"
+        )
+    order = [patients[i] for i in np.random.default_rng(seed).permutation(len(patients))]
+    groups = [sorted(order[i::folds]) for i in range(folds)]
+    return [PatientSplit(tuple(sorted(p for p in patients if p not in g)), tuple(g)) for g in groups]
+
+
+@dataclass
+class FoldData:
+    """One fold: the efficacy split plus the U-Net's real pool and the training patients' volumes."""
+
+    index: int
+    data: EfficacyData
+    train_cases: list[ResampledCase]
+    real_pool: np.ndarray  # (N, 2, H, W): tumour slices + sampled tumour-free brain slices
+
+
+def tumour_free_slices(cases: Sequence[ResampledCase], k: int, *, seed: int) -> np.ndarray:
+    """``k`` tumour-free axial slices with at least 10 % brain, drawn without replacement (seeded)."""
+    pool = [
+        np.stack([c.image[:, :, z], np.zeros_like(c.image[:, :, z])])
+        for c in cases
+        for z in range(c.image.shape[-1])
+        if not c.mask[:, :, z].any() and brain_mask(c.image[:, :, z]).mean() >= 0.1
+    ]
+    if not pool or k <= 0:
+        return np.zeros((0, 2, *cases[0].image.shape[:2]), np.float32)
+    idx = np.random.default_rng(seed).choice(len(pool), size=min(k, len(pool)), replace=False)
+    return np.stack([pool[i] for i in sorted(idx)]).astype(np.float32)
+
+
+def fold_data(ing: IngestResult, split: PatientSplit, index: int, cfg: CVConfig) -> FoldData:
+    data = split_cohort(ing, train_ids=split.train, test_ids=split.test)
+    train_cases = [c for c in ing.slices.cases if c.case_id in split.train]
+    free = tumour_free_slices(
+        train_cases, round(cfg.tumour_free_ratio * len(data.real_train)), seed=cfg.fold_seed + index
+    )
+    return FoldData(index, data, train_cases, np.concatenate([data.real_train, free]))
+
+
+def choose_budget(
+    ing: IngestResult, fold: FoldData, cfg: CVConfig, work_dir: Path, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """The fold's step budget from an inner validation of the strong baseline (cached as budget.json)."""
+    path = work_dir / "budget.json"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        return json.loads(path.read_text())
+    train = list(fold.data.split.train)
+    val_id = train[int(np.random.default_rng([cfg.fold_seed, fold.index]).integers(len(train)))]
+    inner = fold_data(ing, PatientSplit(tuple(p for p in train if p != val_id), (val_id,)), fold.index, cfg)
+    curve: list[tuple[int, float]] = []
+
+    def validate(step: int, model: torch.nn.Module) -> None:
+        if step % cfg.eval_every == 0:
+            curve.append(
+                (step, evaluate_segmenter(model, inner.data.test_cases, volumes=False)["dice_slice"])
+            )
+            model.train()
+            log.info("budget fold %d: step %d val dice %.3f", fold.index, step, curve[-1][1])
+
+    train_segmenter(
+        inner.real_pool,
+        seed=0,
+        cfg=cfg.segmenter,
+        protocol="step_matched",
+        steps=cfg.max_steps,
+        online=[OnlineAugment()],
+        on_step=validate,
+        device=device,
+    )
+    dice = np.array([d for _, d in curve])
+    smooth = np.convolve(np.pad(dice, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    first = int(np.flatnonzero(smooth >= smooth.max() - cfg.plateau_tol)[0])
+    out = {
+        "fold": fold.index,
+        "validation_patient": val_id,
+        "inner_train": [p for p in train if p != val_id],
+        "curve": [
+            {"step": s, "dice_slice": d, "smoothed": float(m)}
+            for (s, d), m in zip(curve, smooth, strict=True)
+        ],
+        "steps": curve[first][0],
+    }
+    write_json_atomic(path, out)
+    return out
+
+
+def fold_pairs(
+    method: str,
+    n: int,
+    fold: FoldData,
+    cfg: CVConfig,
+    work_dir: Path,
+    *,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """``n`` offline pairs of ``method`` fitted on the fold's training patients only (cached)."""
+    if method == "insert_dhvae":  # the dHVAE's tumours in the training patients' real slices
+        out = work_dir / method / "pairs.npy"
+        if out.is_file() and len(cached := np.load(out, allow_pickle=False)) >= n:
+            return cached[:n]
+        donors = fold_pairs(
+            "dhvae", n, fold, cfg, work_dir, progress=progress, should_stop=should_stop, device=device
+        )
+        pairs = insert_pairs(donors, recipient_slices(fold.train_cases), n, seed=cfg.sample_seed)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_npy_atomic(out, pairs)
+        return pairs
+    ecfg = EfficacyConfig(
+        methods=(method,),
+        n_synthetic=(n,),
+        seeds=(0,),
+        preset=cfg.preset,
+        generator_steps=cfg.generator_steps,
+        generator_seed=cfg.generator_seed,
+        sample_seed=cfg.sample_seed,
+        quality=False,
+    )
+    return synthetic_pairs(
+        method, fold.data, ecfg, work_dir, progress=progress, should_stop=should_stop, device=device
+    )
+
+
+def run_arm(
+    arm: Arm,
+    fold: FoldData,
+    pairs: np.ndarray | None,
+    *,
+    seed: int,
+    budget: int,
+    cfg: CVConfig,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Train one U-Net of ``arm`` on the fold and test it on the fold's test patients."""
+    online: list[OnlineTransform] = []
+    if arm.online_insert > 0:
+        online.append(OnlineInsert(fold.data.real_train, p=arm.online_insert))
+    if arm.online_aug:
+        online.append(OnlineAugment())
+    n_all = len(fold.real_pool) + (0 if pairs is None else len(pairs))
+    protocol: TrainingProtocol = "fixed_epochs" if arm.budget == "fixed_epochs" else "step_matched"
+    steps = training_steps(n_all, cfg.segmenter, protocol, budget)
+    recipe = LoaderRecipe(
+        real_fraction=arm.real_fraction,
+        synthetic_weight=arm.synthetic_weight,
+        pretrain_steps=round(arm.pretrain_fraction * steps),
+    )
+    model = train_segmenter(
+        fold.real_pool,
+        seed=seed,
+        cfg=cfg.segmenter,
+        protocol=protocol,
+        steps=budget,
+        synthetic=pairs,
+        recipe=recipe if arm.budget == "inner" else None,
+        online=online,
+        device=device,
+    )
+    result = evaluate_segmenter(model, fold.data.test_cases, threshold=cfg.segmenter.threshold)
+    return {
+        "fold": fold.index,
+        "arm": arm.name,
+        "seed": seed,
+        **arm.settings(),
+        "steps": steps,
+        "n_real": len(fold.real_pool),
+        **{k: result[k] for k in (*CV_METRICS, "hd95_unit")},
+        "per_case": result["per_case"],
+    }
+
+
+def run_crossval(
+    ing: IngestResult,
+    cfg: CVConfig,
+    work_dir: Path,
+    *,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    device: torch.device | str = "cpu",
+    report_only: bool = False,
+) -> dict[str, Any]:
+    """Run (or finish) every (seed, fold, arm) and return :func:`summarise`'s report.
+
+    Seed-major order: a run stopped part-way holds whole comparisons (every fold and arm) for the seeds
+    it finished. The work folder's settings must match (arms may be added).
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    settings = json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("arms", "seeds")}))
+    spath = work_dir / "settings.json"
+    if spath.is_file() and json.loads(spath.read_text()) != settings:
+        raise DHVAEError(
+            f"{work_dir} holds a cross-validation with other settings; use another work directory"
+        )
+    with atomic_file(spath, "w") as sf:
+        sf.write(json.dumps(settings, indent=2))
+
+    splits = make_folds([c.case_id for c in ing.slices.cases], cfg.folds, seed=cfg.fold_seed)
+    folds = [fold_data(ing, s, i, cfg) for i, s in enumerate(splits)]
+    rows_path = work_dir / "rows.jsonl"
+    rows = read_rows(rows_path)
+    done = {(r["fold"], r["arm"], r["seed"]) for r in rows}
+    grid = [(seed, f.index, a) for seed in cfg.seeds for f in folds for a in cfg.arms]
+    todo = [] if report_only else [g for g in grid if (g[1], g[2], g[0]) not in done]
+    # the total counts each fold's inner-validation run too (what the service announces)
+    total = len(grid) + len(folds)
+    have = {f.index for f in folds if (work_dir / f"fold{f.index}" / "budget.json").is_file()}
+    settled = len(grid) - len(todo) + len(have)
+    reporter = Reporter("evaluate", total, "runs", progress, should_stop, start=settled)
+    reporter.report(settled)
+    budgets: dict[int, dict[str, Any]] = {}
+    for f in folds:
+        if report_only and f.index not in have:
+            continue
+        reporter.check_cancelled()
+        budgets[f.index] = choose_budget(ing, f, cfg, work_dir / f"fold{f.index}", device)
+        if f.index not in have:
+            settled += 1
+            reporter.report(settled)
+    with open(rows_path, "a") as sink:
+        for seed, i, name in todo:
+            reporter.check_cancelled()
+            arm, fold = cfg.arm(name), folds[i]
+            fdir = work_dir / f"fold{i}"
+            pairs = (
+                fold_pairs(
+                    arm.method,
+                    arm.n,
+                    fold,
+                    cfg,
+                    fdir,
+                    progress=progress,
+                    should_stop=should_stop,
+                    device=device,
+                )
+                if arm.n
+                else None
+            )
+            row = run_arm(arm, fold, pairs, seed=seed, budget=budgets[i]["steps"], cfg=cfg, device=device)
+            rows.append(row)
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            settled += 1
+            reporter.report(settled, dice_slice=row["dice_slice"])
+            log.info(
+                "crossval: fold %d %s seed %d: dice_slice %.3f dice_3d %.3f",
+                i,
+                name,
+                seed,
+                row["dice_slice"],
+                row["dice_3d"],
+            )
+    report = summarise(rows, cfg)
+    report["folds"] = [
+        {
+            "fold": f.index,
+            "train": list(f.data.split.train),
+            "test": list(f.data.split.test),
+            "real_pool": len(f.real_pool),
+            "tumour_slices": len(f.data.real_train),
+            "budget": budgets.get(f.index),
+        }
+        for f in folds
+    ]
+    return report
+
+
+# --- statistics -----------------------------------------------------------------------------------
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    v = np.asarray(values, np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
+
+
+def paired_gain(
+    rows: Sequence[dict[str, Any]],
+    arm: str,
+    metric: str,
+    *,
+    reference: str = REFERENCE,
+    bootstrap: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any] | None:
+    """Gain of ``arm`` over ``reference`` in ``metric``: the mean paired difference per (fold, seed),
+    and a 95 % patient-level bootstrap interval of the mean per-patient gain.
+
+    Per patient, the gain is the mean over seeds of (arm - reference) on that patient's own score
+    (``per_case``); the bootstrap resamples patients with replacement. None when no pair exists.
+    """
+    by = {(r["fold"], r["seed"], r["arm"]): r for r in rows}
+    pairs = [(k[0], k[1]) for k in by if k[2] == arm and (k[0], k[1], reference) in by]
+    if not pairs:
+        return None
+    run_diffs = [by[(f, s, arm)][metric] - by[(f, s, reference)][metric] for f, s in pairs]
+    per_patient: dict[str, list[float]] = {}
+    for f, s in pairs:
+        ref = {c["case_id"]: c for c in by[(f, s, reference)]["per_case"]}
+        for c in by[(f, s, arm)]["per_case"]:
+            if (
+                metric in c
+                and c["case_id"] in ref
+                and np.isfinite(c[metric])
+                and np.isfinite(ref[c["case_id"]][metric])
+            ):
+                per_patient.setdefault(c["case_id"], []).append(c[metric] - ref[c["case_id"]][metric])
+    gains = np.array([np.mean(v) for v in per_patient.values()])
+    rng = np.random.default_rng(seed)
+    boots = (
+        gains[rng.integers(len(gains), size=(bootstrap, len(gains)))].mean(1) if len(gains) else np.zeros(1)
+    )
+    lo, hi = (float(x) for x in np.percentile(boots, [2.5, 97.5]))
+    return {
+        "mean_run_gain": float(np.mean(run_diffs)),
+        "runs": len(run_diffs),
+        "mean_patient_gain": float(gains.mean()) if len(gains) else float("nan"),
+        "patients": len(gains),
+        "ci95": [lo, hi],
+        "helps": bool(lo > 0) if metric in ("dice_slice", "dice_3d") else bool(hi < 0),
+    }
+
+
+def summarise(rows: Sequence[dict[str, Any]], cfg: CVConfig) -> dict[str, Any]:
+    """Per fold and pooled means per arm, the paired gains against the strong baseline, and the verdict."""
+    rows = [r for r in rows if r["arm"] in cfg.arms and r["seed"] in cfg.seeds]
+    table = []
+    for name in cfg.arms:
+        mine = [r for r in rows if r["arm"] == name]
+        if not mine:
+            continue
+        for fold in sorted({r["fold"] for r in mine}) + ["pooled"]:
+            sel = mine if fold == "pooled" else [r for r in mine if r["fold"] == fold]
+            table.append(
+                {"arm": name, "fold": fold, **{m: _mean_std([r[m] for r in sel]) for m in CV_METRICS}}
+            )
+    gains = {
+        name: {
+            m: g for m in CV_METRICS if (g := paired_gain(rows, name, m, bootstrap=cfg.bootstrap)) is not None
+        }
+        for name in cfg.arms
+        if name != REFERENCE
+    }
+    # a recipe to recommend adds pairs or pasted tumours; the plain real-only rows are comparisons
+    helping = [
+        (n, g["dice_slice"])
+        for n, g in gains.items()
+        if g.get("dice_slice", {}).get("helps") and (ARMS[n].n or ARMS[n].online_insert)
+    ]
+    if helping:
+        best, g = max(helping, key=lambda x: x[1]["mean_patient_gain"])
+        arm = cfg.arm(best)
+        recommendation = {
+            "arm": best,
+            "method": arm.method,
+            "n": arm.n,
+            "gain_points": 100 * g["mean_patient_gain"],
+            "ci95_points": [100 * x for x in g["ci95"]],
+            "words": f"{best} ({arm.method}, N = {arm.n}) beats your real data with online augmentation by "
+            f"{100 * g['mean_patient_gain']:+.1f} slice-Dice points (95 % CI {100 * g['ci95'][0]:+.1f} to "
+            f"{100 * g['ci95'][1]:+.1f}).",
+        }
+    else:
+        recommendation = {
+            "arm": REFERENCE,
+            "method": "none",
+            "n": 0,
+            "words": "Nothing beats your real data with online augmentation: train on the real cases with "
+            "the online augmentation (flips, affine, elastic, contrast, noise) at every step.",
+        }
+    seeds_done = sorted({r["seed"] for r in rows})
+    expected = len(cfg.arms) * cfg.folds * len(cfg.seeds)
+    return {
+        "config": cfg.to_dict(),
+        "arms": {n: cfg.arm(n).settings() for n in cfg.arms},
+        "reference": REFERENCE,
+        "rows": [{k: v for k, v in r.items()} for r in rows],
+        "table": table,
+        "gains": gains,
+        "recommendation": recommendation,
+        "complete": len(rows) >= expected,
+        "runs_done": len(rows),
+        "runs_expected": expected,
+        "seeds_done": seeds_done,
+    }
+
+
+def crossval_markdown(report: dict[str, Any], title: str = "Cross-validated efficacy") -> str:
+    """The report's tables (per fold and pooled; paired gains) and its recommendation, in Markdown."""
+    pct = lambda d: f"{100 * d['mean']:.1f} +- {100 * d['std']:.1f}"  # noqa: E731
+    lines = [f"# {title}", ""]
+    for f in report.get("folds", []):
+        b = f.get("budget") or {}
+        lines.append(
+            f"- fold {f['fold']}: train {', '.join(f['train'])}; test {', '.join(f['test'])}; "
+            f"{f['tumour_slices']} tumour + {f['real_pool'] - f['tumour_slices']} tumour-free slices; "
+            f"budget {b.get('steps', '?')} steps (inner validation on {b.get('validation_patient', '?')})"
+        )
+    lines += [
+        "",
+        f"Runs: {report['runs_done']} of {report['runs_expected']} (seeds done: {report['seeds_done']}).",
+        "",
+        "| arm | fold | runs | dice_slice (%) | dice_3d (%) | hd95 (mm) | fp_volume (ml) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in report["table"]:
+        lines.append(
+            f"| {t['arm']} | {t['fold']} | {t['dice_slice']['n']} | {pct(t['dice_slice'])} | {pct(t['dice_3d'])} "
+            f"| {t['hd95']['mean']:.1f} +- {t['hd95']['std']:.1f} | {t['fp_volume']['mean']:.2f} +- {t['fp_volume']['std']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Paired gain over `{report['reference']}` (the strong baseline), in points; 95 % CI from a patient bootstrap:",
+        "",
+        "| arm | runs | patients | dice_slice gain | CI | helps | dice_3d gain | CI | helps |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, g in report["gains"].items():
+        if "dice_slice" not in g:
+            continue
+        s, d = g["dice_slice"], g["dice_3d"]
+        lines.append(
+            f"| {name} | {s['runs']} | {s['patients']} | {100 * s['mean_patient_gain']:+.1f} "
+            f"| [{100 * s['ci95'][0]:+.1f}, {100 * s['ci95'][1]:+.1f}] | {'yes' if s['helps'] else 'no'} "
+            f"| {100 * d['mean_patient_gain']:+.1f} | [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] "
+            f"| {'yes' if d['helps'] else 'no'} |"
+        )
+    lines += ["", f"**Recommendation**: {report['recommendation']['words']}", ""]
+    return "\n".join(lines)
+
+
+def plot_crossval(report: dict[str, Any], path: Path) -> None:
+    """Paired gains (points) with their bootstrap intervals, slice and 3D Dice, one bar per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, g in report["gains"].items() if "dice_slice" in g]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=False)
+    for ax, metric in zip(axes, ("dice_slice", "dice_3d"), strict=True):
+        means = [100 * report["gains"][n][metric]["mean_patient_gain"] for n in names]
+        lo = [m - 100 * report["gains"][n][metric]["ci95"][0] for m, n in zip(means, names, strict=True)]
+        hi = [100 * report["gains"][n][metric]["ci95"][1] - m for m, n in zip(means, names, strict=True)]
+        ax.bar(names, means, yerr=[lo, hi], capsize=4, color="tab:blue")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title(f"{metric} gain over {report['reference']} (points, 95 % CI)")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_crossval(
+    report: dict[str, Any], out_dir: Path, stem: str = "efficacy_cv", extra_md: str = ""
+) -> None:
+    """``out_dir/<stem>.{json,md,png}``."""
+    from .report import json_safe
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any("dice_slice" in g for g in report["gains"].values()):
+        plot_crossval(report, out_dir / f"{stem}.png")
+    with atomic_file(out_dir / f"{stem}.md", "w") as f:
+        f.write(crossval_markdown(report) + extra_md)
+    write_json_atomic(out_dir / f"{stem}.json", json_safe(report))

@@ -1,0 +1,236 @@
+"""Tumour insertion: paste tumours, with their masks, into other slices of the training patients.
+
+Our extension beyond the paper (issue 11, B.1), after TumorCP and CarveMix: the pairs carry real
+(or generated) tumours in new places, on new backgrounds, tumour-free slices included, so a U-Net sees
+more tumour/context combinations than the cohort holds. One insertion (:func:`insert_one`):
+
+1. **cut**: a square patch of ``patch`` px centred on the donor's tumour (centre of mass), image and mask;
+   the donor's other tissue in the patch is kept only where the blend below lets it through;
+2. **deform**: one MONAI ``Rand2DElastic`` draw on the patch (rotation uniform in 360 deg, scale
+   ``1 +- scale`` per axis, an elastic displacement), bilinear for the image, nearest for the mask;
+3. **place**: a centre drawn among the recipient's brain pixels (the filled foreground, image > 0)
+   such that at least ``inside`` of the new tumour lies in the brain and it overlaps the recipient's own
+   tumour (if any) by at most ``max_overlap``; the mask is then cut to the brain;
+4. **match**: the patch's intensities are scaled by the ratio of the recipient's to the donor's mean
+   tissue intensity in a ring around the tumour, so that the tumour keeps its contrast to its new
+   surroundings;
+5. **blend** (feathered): ``alpha`` is 1 on the tumour and falls off over ``feather`` px outside it
+   (a Gaussian of the dilated mask), times the recipient's brain mask, so nothing lands on background:
+   ``image = alpha * patch + (1 - alpha) * recipient``. The new mask is the recipient's mask OR the
+   pasted one.
+
+Two sources of tumours, one function: the training patients' real tumour slices (``insert``, the
+copy-paste baseline) or a generator's pairs (the efficacy grid's ``insert_dhvae``: dHVAE tumours in
+real slices). Reproducible: pair ``i`` of :func:`insert_pairs` depends on (seed, i) and the inputs only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class InsertConfig:
+    """The insertion's parameters (chosen a priori, not on any test patient)."""
+
+    patch: int = 96  # px side of the cut patch (tumours larger than the patch are cut at its border)
+    scale: float = 0.25  # scale factors in [1 - scale, 1 + scale] per axis
+    elastic_spacing: int = 12
+    elastic_magnitude: float = 2.0
+    inside: float = 0.95  # fraction of the pasted tumour that must fall in the brain
+    max_overlap: float = 0.2  # of the pasted tumour with the recipient's own tumour
+    feather: float = 2.0  # px: the Gaussian sigma of the blend's edge
+    ring: int = 4  # px: width of the tissue ring the intensity match compares
+    min_area: int = 30  # px: a pasted tumour smaller than this is drawn again
+    min_brain_fraction: float = 0.1  # a recipient slice holds at least this much brain
+    tries: int = 20  # placements tried per (donor, recipient) before another pair is drawn
+
+
+def brain_mask(image: np.ndarray) -> np.ndarray:
+    """The brain of a skull-stripped slice: its non-zero foreground with the holes filled."""
+    return ndimage.binary_fill_holes(np.asarray(image) > 1e-3)
+
+
+def recipient_slices(cases, cfg: InsertConfig | None = None) -> np.ndarray:
+    """Every axial slice of ``cases`` (ResampledCase-like: ``image``/``mask`` ``(H, W, D)``) with at least
+    ``cfg.min_brain_fraction`` brain, tumour-free slices included, as ``(N, 2, H, W)`` float32."""
+    cfg = cfg or InsertConfig()
+    out = []
+    for c in cases:
+        for k in range(c.image.shape[-1]):
+            img = c.image[:, :, k]
+            if brain_mask(img).mean() >= cfg.min_brain_fraction:
+                out.append(np.stack([img, c.mask[:, :, k].astype(np.float32)]))
+    if not out:
+        raise ValueError("no slice of the cases holds enough brain to receive a tumour")
+    return np.stack(out).astype(np.float32)
+
+
+def _cut(pair: np.ndarray, centre: tuple[int, int], size: int) -> np.ndarray:
+    """The ``(2, size, size)`` patch of ``pair`` centred on ``centre``, zero outside the slice."""
+    half = size // 2
+    padded = np.pad(pair, ((0, 0), (half, half), (half, half)))
+    r, c = centre
+    return padded[:, r : r + size, c : c + size].copy()
+
+
+def _place(patch: np.ndarray, centre: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """``patch`` ``(C, P, P)`` put on a zero ``(C, *shape)`` canvas centred on ``centre`` (cut at the edges)."""
+    size = patch.shape[-1]
+    half = size // 2
+    canvas = np.zeros((patch.shape[0], shape[0] + 2 * half, shape[1] + 2 * half), patch.dtype)
+    r, c = centre
+    canvas[:, r : r + size, c : c + size] = patch
+    return canvas[:, half : half + shape[0], half : half + shape[1]]
+
+
+class Inserter:
+    """Pastes a donor's tumour into a recipient slice (:func:`insert_one` with a reusable transform)."""
+
+    def __init__(self, cfg: InsertConfig | None = None) -> None:
+        from monai.transforms import Rand2DElastic
+
+        self.cfg = cfg = cfg or InsertConfig()
+        self.deform = Rand2DElastic(
+            spacing=(cfg.elastic_spacing, cfg.elastic_spacing),
+            magnitude_range=(0.0, cfg.elastic_magnitude),
+            prob=1.0,
+            rotate_range=math.pi,
+            scale_range=(cfg.scale, cfg.scale),
+            padding_mode="zeros",
+        )
+
+    def __call__(
+        self, donor: np.ndarray, recipient: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray | None:
+        """The recipient ``(2, H, W)`` with the donor's tumour pasted in, or None when no placement fits."""
+        cfg = self.cfg
+        dmask = donor[1] > 0.5
+        if dmask.sum() < cfg.min_area:
+            return None
+        centre = tuple(int(round(x)) for x in ndimage.center_of_mass(dmask))
+        patch = _cut(donor, centre, cfg.patch)  # type: ignore[arg-type]
+        dbrain_patch = _cut(brain_mask(donor[0])[None].astype(np.float32), centre, cfg.patch)[0] > 0.5  # type: ignore[arg-type]
+
+        self.deform.set_random_state(state=np.random.RandomState(rng.integers(2**31)))
+        self.deform.randomize(patch.shape[1:])
+        image = np.asarray(self.deform(patch[0:1], mode="bilinear", randomize=False))[0]  # type: ignore[arg-type]
+        tumour = np.asarray(self.deform(patch[1:2], mode="nearest", randomize=False))[0] > 0.5  # type: ignore[arg-type]
+        tissue = np.asarray(
+            self.deform(dbrain_patch[None].astype(np.float32), mode="nearest", randomize=False)
+        )[0]
+        tumour &= (tissue > 0.5) & (image > 1e-3)  # the tumour carries the donor's tissue, not its background
+        if tumour.sum() < cfg.min_area:
+            return None
+
+        rbrain = brain_mask(recipient[0])
+        rmask = recipient[1] > 0.5
+        candidates = np.argwhere(rbrain)
+        if not len(candidates):
+            return None
+        ring = ndimage.binary_dilation(tumour, iterations=cfg.ring) & ~tumour & (tissue > 0.5)
+        donor_tissue = float(image[ring].mean()) if ring.any() else float("nan")
+        shape = recipient.shape[1:]
+        for _ in range(cfg.tries):
+            at = tuple(int(x) for x in candidates[rng.integers(len(candidates))])
+            placed = _place(np.stack([image, tumour.astype(np.float32), ring.astype(np.float32)]), at, shape)  # type: ignore[arg-type]
+            new = placed[1] > 0.5
+            area = new.sum()
+            if area < cfg.min_area or (new & rbrain).sum() < cfg.inside * area:
+                continue
+            if (new & rmask).sum() > cfg.max_overlap * area:
+                continue
+            new &= rbrain
+            around = (placed[2] > 0.5) & rbrain & ~rmask
+            if around.any() and np.isfinite(donor_tissue) and donor_tissue > 1e-3:
+                gain = float(np.clip(recipient[0][around].mean() / donor_tissue, 0.5, 2.0))
+            else:
+                gain = 1.0
+            soft = ndimage.gaussian_filter(
+                ndimage.binary_dilation(new, iterations=2).astype(np.float32), cfg.feather
+            )
+            alpha = np.maximum(new.astype(np.float32), np.clip(soft, 0.0, 1.0)) * rbrain
+            out = np.empty_like(recipient, dtype=np.float32)
+            out[0] = np.clip(alpha * placed[0] * gain + (1.0 - alpha) * recipient[0], 0.0, 1.0)
+            out[1] = (rmask | (new & (out[0] > 1e-3))).astype(np.float32)
+            return out
+        return None
+
+
+def insert_pairs(
+    donors: np.ndarray,
+    recipients: np.ndarray,
+    n: int,
+    *,
+    seed: int,
+    cfg: InsertConfig | None = None,
+) -> np.ndarray:
+    """``n`` pairs ``(n, 2, H, W)``: each a recipient slice with one donor tumour pasted in.
+
+    Args:
+        donors: ``(Nd, 2, H, W)`` [image, mask] slices whose tumours are pasted (real or generated).
+        recipients: ``(Nr, 2, H, W)`` slices that receive them (:func:`recipient_slices`).
+        n: pairs to make. seed: pair ``i`` draws from ``numpy.random.default_rng([seed, i])``.
+
+    Returns float32 pairs: image in [0, 1] and zero outside the recipient's brain, mask exactly {0, 1}.
+    """
+    donors, recipients = np.asarray(donors, np.float32), np.asarray(recipients, np.float32)
+    for name, a in (("donors", donors), ("recipients", recipients)):
+        if a.ndim != 4 or a.shape[1] != 2 or not len(a):
+            raise ValueError(f"{name} must be a non-empty (N, 2, H, W) [image, mask] array, got {a.shape}")
+    if donors.shape[2:] != recipients.shape[2:]:
+        raise ValueError(
+            f"donor slices {donors.shape[2:]} and recipient slices {recipients.shape[2:]} differ"
+        )
+    usable = np.flatnonzero((donors[:, 1] > 0.5).sum((1, 2)) >= (cfg or InsertConfig()).min_area)
+    if not len(usable):
+        raise ValueError("no donor has a tumour large enough to paste")
+    inserter = Inserter(cfg)
+    out = np.empty((n, *recipients.shape[1:]), np.float32)
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        for _ in range(100):
+            pair = inserter(
+                donors[usable[rng.integers(len(usable))]], recipients[rng.integers(len(recipients))], rng
+            )
+            if pair is not None:
+                out[i] = pair
+                break
+        else:
+            raise ValueError(f"pair {i}: no donor tumour fitted into a recipient brain in 100 draws")
+    return out
+
+
+class OnlineInsert:
+    """The online variant for the U-Net's loader: each slice of a batch receives a donor tumour with
+    probability ``p`` (the slice itself is the recipient; a slice with no room is left as it is)."""
+
+    def __init__(self, donors: np.ndarray, p: float = 0.5, cfg: InsertConfig | None = None) -> None:
+        self.inserter = Inserter(cfg)
+        areas = (np.asarray(donors)[:, 1] > 0.5).sum((1, 2))
+        self.donors = np.asarray(donors, np.float32)[areas >= self.inserter.cfg.min_area]
+        if not len(self.donors):
+            raise ValueError("no donor has a tumour large enough to paste")
+        self.p = p
+
+    def __call__(self, batch, seed: int, step: int):
+        import torch
+
+        rng = np.random.default_rng([seed, step, 13])
+        out = batch.clone()
+        for i in range(len(batch)):
+            if rng.random() < self.p:
+                pair = self.inserter(self.donors[rng.integers(len(self.donors))], batch[i].numpy(), rng)
+                if pair is not None:
+                    out[i] = torch.from_numpy(pair)
+        return out
+
+
+def draw_insert(slices, n: int, seed: int) -> np.ndarray:
+    """The registry's draw: ``n`` pairs with the balanced tumour slices of a cohort (a SliceSet) as
+    donors and every brain slice of its cases as recipients."""
+    return insert_pairs(slices.slices, recipient_slices(slices.cases), n, seed=seed)

@@ -1,0 +1,190 @@
+"""The cross-validated protocol (efficacy/crossval.py, efficacy/online.py, the mixed loader of
+efficacy/segmenter.py) on a phantom cohort with tiny settings."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from efficacy.crossval import (
+    ARMS,
+    REFERENCE,
+    CVConfig,
+    fold_data,
+    make_folds,
+    paired_gain,
+    run_crossval,
+    summarise,
+    write_crossval,
+)
+from efficacy.online import OnlineAugment
+from efficacy.segmenter import LoaderRecipe, SegmenterConfig, train_segmenter
+from imaging.cohort import CohortSpec
+from imaging.errors import DHVAEError
+from imaging.phantoms import make_phantom_cohort
+from imaging.preprocess import PreprocessConfig
+from pipeline import pipeline
+
+TINY_UNET = SegmenterConfig(channels=(4, 8), strides=(2,), num_res_units=0, batch_size=8, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cv")
+    path = make_phantom_cohort(root / "cohort", n_cases=4, shape=(40, 40, 20), seed=2)
+    return pipeline.ingest(
+        path, cache_dir=root / "cache", spec=CohortSpec(), prep=PreprocessConfig(shape=(32, 32, 16))
+    )
+
+
+def test_folds_test_every_patient_once():
+    ids = [f"p{i}" for i in range(6)]
+    folds = make_folds(ids, 3, seed=0)
+    assert sorted(p for f in folds for p in f.test) == ids
+    for f in folds:
+        assert len(f.test) == 2 and len(f.train) == 4 and not set(f.train) & set(f.test)
+    assert make_folds(ids, 3, seed=0) == folds
+    with pytest.raises(DHVAEError, match="cannot make 2 folds"):
+        make_folds(ids[:3], 2, seed=0)  # a fold would train on one patient: no inner validation
+
+
+def test_no_test_patient_reaches_a_fold_s_training_data(cohort):
+    cfg = CVConfig(seeds=(0,), segmenter=TINY_UNET)
+    for i, split in enumerate(make_folds([c.case_id for c in cohort.slices.cases], 2, seed=0)):
+        fold = fold_data(cohort, split, i, cfg)
+        assert {c.case_id for c in fold.train_cases} == set(split.train)
+        assert set(fold.data.generator_slices.slices.case_ids) <= set(split.train)
+        assert {c.case_id for c in fold.data.test_cases} == set(split.test)
+        n_free = len(fold.real_pool) - len(fold.data.real_train)
+        assert n_free == round(cfg.tumour_free_ratio * len(fold.data.real_train))
+        assert fold.real_pool[len(fold.data.real_train) :, 1].sum() == 0  # tumour-free indeed
+
+
+def _marked(n: int, value: float) -> np.ndarray:
+    x = np.zeros((n, 2, 16, 16), np.float32)
+    x[:, 0] = value
+    x[:, 1, 4:8, 4:8] = 1
+    return x
+
+
+def test_the_loader_keeps_the_real_fraction_and_pretrains_on_synthetic():
+    seen: list[int] = []
+
+    def count(batch, seed, step):
+        seen.append(int((batch[:, 0, 0, 0] == 0.25).sum()))  # synthetic slices in this batch
+        return batch
+
+    cfg = SegmenterConfig(channels=(4, 8), strides=(2,), num_res_units=0, batch_size=8)
+    train_segmenter(
+        _marked(10, 0.75),
+        synthetic=_marked(50, 0.25),
+        recipe=LoaderRecipe(real_fraction=0.75, pretrain_steps=2),
+        online=[count],
+        seed=0,
+        cfg=cfg,
+        protocol="step_matched",
+        steps=6,
+    )
+    assert seen == [8, 8, 2, 2, 2, 2]  # 2 pretraining steps, then 3:1
+    with pytest.raises(DHVAEError, match="real_fraction"):
+        LoaderRecipe(real_fraction=0.0)
+
+
+def test_online_augmentation_is_seeded_and_keeps_masks_binary():
+    aug = OnlineAugment()
+    batch = torch.from_numpy(_marked(4, 0.5))
+    a, b = aug(batch, 0, 3), aug(batch, 0, 3)
+    torch.testing.assert_close(a, b)
+    assert a.shape == batch.shape and set(torch.unique(a[:, 1]).tolist()) <= {0.0, 1.0}
+    assert not torch.equal(aug(batch, 0, 4), a)
+    assert 0.0 <= float(a[:, 0].min()) and float(a[:, 0].max()) <= 1.0
+
+
+def _row(fold, arm, seed, dice, cases):
+    return {
+        "fold": fold,
+        "arm": arm,
+        "seed": seed,
+        "dice_slice": dice,
+        "dice_3d": dice,
+        "hd95": 1.0,
+        "fp_volume": 0.0,
+        "per_case": [
+            {"case_id": c, "dice_slice": dice + d, "dice_3d": dice + d, "hd95": 1.0, "fp_volume": 0.0}
+            for c, d in cases
+        ],
+    }
+
+
+def test_paired_gain_and_the_recommendation():
+    rows = []
+    for fold, cases in ((0, ["a", "b"]), (1, ["c", "d"])):
+        for seed in (0, 1):
+            rows.append(_row(fold, REFERENCE, seed, 0.70, [(c, 0.0) for c in cases]))
+            rows.append(_row(fold, "insert", seed, 0.74, [(c, 0.02 * k) for k, c in enumerate(cases)]))
+            rows.append(_row(fold, "real", seed, 0.69, [(c, 0.0) for c in cases]))
+    g = paired_gain(rows, "insert", "dice_slice")
+    assert g["runs"] == 4 and g["patients"] == 4
+    assert g["mean_run_gain"] == pytest.approx(0.04)
+    assert g["mean_patient_gain"] == pytest.approx(0.05)  # 0.04 + mean(0, 0.02, 0, 0.02)
+    assert 0.04 - 1e-9 <= g["ci95"][0] <= g["ci95"][1] <= 0.06 + 1e-9 and g["helps"]
+    assert not paired_gain(rows, "real", "dice_slice")["helps"]
+    report = summarise(rows, CVConfig(arms=("real", REFERENCE, "insert"), seeds=(0, 1), folds=2))
+    assert (
+        report["recommendation"]["arm"] == "insert"
+        and "beats your real data" in report["recommendation"]["words"]
+    )
+    flat = summarise(
+        [r for r in rows if r["arm"] != "insert"], CVConfig(arms=("real", REFERENCE), seeds=(0, 1), folds=2)
+    )
+    assert flat["recommendation"]["words"].startswith("Nothing beats your real data")
+
+
+def test_crossval_end_to_end_resumes(cohort, tmp_path):
+    cfg = CVConfig(
+        arms=("real", REFERENCE, "insert", "insert_online", "real_fixed_epochs"),
+        folds=2,
+        seeds=(0,),
+        max_steps=4,
+        eval_every=2,
+        segmenter=TINY_UNET,
+    )
+    report = run_crossval(cohort, cfg, tmp_path)
+    assert report["complete"] and report["runs_done"] == 2 * 5
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert {r["arm"] for r in rows} == set(cfg.arms)
+    for r in rows:
+        assert {
+            "fold",
+            "method",
+            "n",
+            "seed",
+            "dice_slice",
+            "dice_3d",
+            "hd95",
+            "fp_volume",
+            "real_fraction",
+        } <= set(r)
+        assert r["steps"] == (
+            report["folds"][r["fold"]]["budget"]["steps"] if r["arm"] != "real_fixed_epochs" else r["steps"]
+        )
+    for f in report["folds"]:
+        assert f["budget"]["validation_patient"] in f["train"] and f["budget"]["steps"] in (2, 4)
+    again = run_crossval(cohort, cfg, tmp_path)  # nothing left to run: the same rows
+    assert again["runs_done"] == 10 and len((tmp_path / "rows.jsonl").read_text().splitlines()) == 10
+    write_crossval(again, tmp_path / "out")
+    md = (tmp_path / "out" / "efficacy_cv.md").read_text()
+    assert "Paired gain over `real_aug`" in md and "**Recommendation**" in md
+    assert (tmp_path / "out" / "efficacy_cv.png").stat().st_size > 0
+    with pytest.raises(DHVAEError, match="other settings"):
+        run_crossval(
+            cohort, CVConfig(arms=cfg.arms, folds=2, seeds=(0,), max_steps=6, segmenter=TINY_UNET), tmp_path
+        )
+
+
+def test_unknown_arm_is_refused():
+    with pytest.raises(DHVAEError, match="unknown arm"):
+        CVConfig(arms=("stylegan",))
+    assert REFERENCE in CVConfig(arms=("real",)).arms
+    assert ARMS["insert"].method == "insert"

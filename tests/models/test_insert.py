@@ -1,0 +1,96 @@
+"""Tumour insertion (models/insert.py): shapes, binary masks inside the brain, determinism, errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from models.insert import InsertConfig, OnlineInsert, brain_mask, insert_pairs, recipient_slices
+from models.registry import get_generator
+
+
+def _slices(n: int, size: int = 48, seed: int = 0, tumour: bool = True) -> np.ndarray:
+    """Disc-shaped 'brains' (intensity 0.4-0.6) with a bright round tumour, background 0."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = np.zeros((n, 2, size, size), np.float32)
+    for i in range(n):
+        brain = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size * 0.42) ** 2
+        out[i, 0] = brain * rng.uniform(0.4, 0.6)
+        if tumour:
+            cy, cx, r = rng.integers(18, 30), rng.integers(18, 30), rng.integers(4, 7)
+            t = ((yy - cy) ** 2 + (xx - cx) ** 2 < r**2) & brain
+            out[i, 0][t] = 0.9
+            out[i, 1] = t
+    return out
+
+
+CFG = InsertConfig(patch=32, min_area=10)
+
+
+def test_pairs_are_binary_inside_the_brain_and_deterministic():
+    donors, recipients = _slices(6), _slices(5, seed=1, tumour=False)
+    pairs = insert_pairs(donors, recipients, 12, seed=3, cfg=CFG)
+    assert pairs.shape == (12, 2, 48, 48) and pairs.dtype == np.float32
+    assert set(np.unique(pairs[:, 1])) == {0.0, 1.0}
+    for p in pairs:
+        brain = brain_mask(p[0])
+        assert p[1].sum() >= CFG.min_area  # every pair has a pasted tumour
+        assert not (p[1].astype(bool) & ~brain).any()  # the tumour lies in the brain
+        assert (p[0][~brain_mask(recipients[0, 0])] == 0).all()  # the background stays zero
+        assert 0.0 <= p[0].min() and p[0].max() <= 1.0
+    np.testing.assert_array_equal(pairs, insert_pairs(donors, recipients, 12, seed=3, cfg=CFG))
+    assert not np.array_equal(pairs, insert_pairs(donors, recipients, 12, seed=4, cfg=CFG))
+    # a prefix of a longer draw is the shorter draw
+    np.testing.assert_array_equal(pairs[:5], insert_pairs(donors, recipients, 5, seed=3, cfg=CFG))
+
+
+def test_recipient_keeps_its_own_tumour():
+    donors, recipients = _slices(4), _slices(3, seed=5)
+    pairs = insert_pairs(donors, recipients, 6, seed=0, cfg=CFG)
+    for p in pairs:
+        own = [r for r in recipients if np.array_equal(r[0] > 0, p[0] > 0)]
+        assert any((p[1] >= r[1]).all() for r in own)  # the recipient's mask is kept, the paste added
+
+
+def test_recipients_include_tumour_free_brain_slices_only_with_brain():
+    class Case:
+        image = np.zeros((48, 48, 4), np.float32)
+        mask = np.zeros((48, 48, 4), np.uint8)
+
+    c = Case()
+    c.image[..., 1:3] = np.moveaxis(_slices(2, tumour=False)[:, 0], 0, -1)
+    rec = recipient_slices([c])
+    assert rec.shape == (2, 2, 48, 48) and rec[:, 1].sum() == 0
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="no donor"):
+        insert_pairs(_slices(2, tumour=False), _slices(2, tumour=False), 1, seed=0, cfg=CFG)
+    with pytest.raises(ValueError, match="recipients must be"):
+        insert_pairs(_slices(2), np.zeros((0, 2, 48, 48)), 1, seed=0, cfg=CFG)
+
+
+def test_online_insert_pastes_with_probability_p_deterministically():
+    donors = _slices(4)
+    batch = torch.from_numpy(_slices(8, seed=9, tumour=False))
+    always = OnlineInsert(donors, p=1.0, cfg=CFG)
+    out = always(batch, 0, 0)
+    assert out.shape == batch.shape and (out[:, 1].sum((1, 2)) > 0).all()
+    torch.testing.assert_close(out, always(batch, 0, 0))
+    torch.testing.assert_close(OnlineInsert(donors, p=0.0, cfg=CFG)(batch, 0, 0), batch)
+
+
+def test_registry_draws_insert_from_a_slice_set():
+    class SliceSet:
+        slices = _slices(4)
+
+        class _C:
+            image = np.moveaxis(_slices(3, tumour=False)[:, 0], 0, -1)
+            mask = np.zeros((48, 48, 3), np.uint8)
+
+        cases = [_C()]
+
+    entry = get_generator("insert")
+    assert not entry.trained and entry.draw is not None
+    pairs = entry.draw(SliceSet(), 3, 0)
+    assert pairs.shape == (3, 2, 48, 48)
