@@ -35,7 +35,7 @@ browser:
 
 # `make check`, then the whole suite, slow (real-data, multi-process, browser) tests included: what CI runs.
 test: check browser
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q --durations=15
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # Without the slow tests, for quick iterations: two test processes of one torch thread each (2 cores,
 # no oversubscription), under 90 s on 2 idle cores.

@@ -146,6 +146,8 @@ Arm = Literal[
     "dhvae_pretrain",
     "insert_dhvae",
     "vae",
+    "insert_filtered",
+    "dhvae_filtered",
 ]  # every generator of the registry but dhvae
 Protocol = Literal["fixed_epochs", "step_matched"]
 UnetWidths = Literal["paper", "small", "tiny"]

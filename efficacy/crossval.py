@@ -88,6 +88,8 @@ class Arm:
     synthetic_weight: float = 1.0
     pretrain_fraction: float = 0.0
     budget: Literal["inner", "fixed_epochs"] = "inner"
+    filter_dice: float = 0.0  # agreement filter: keep pairs a real-only U-Net segments at >= this soft Dice
+    oversample_hard: bool = False  # ... and draw the kept ones with weight 1 - Dice (hard masks more often)
 
     def __post_init__(self) -> None:
         if self.method not in PAIR_SOURCES:
@@ -115,6 +117,9 @@ ARMS: dict[str, Arm] = {
         Arm("dhvae_pretrain", method="dhvae", n=500, pretrain_fraction=0.3),
         Arm("insert_dhvae", method="insert_dhvae", n=500),  # dHVAE tumours pasted into real slices
         Arm("vae", method="vae", n=500),
+        # FreeMask's recipe on any generator: drop the pairs a real-only U-Net disagrees with, resample hard ones
+        Arm("insert_filtered", method="insert", n=500, filter_dice=0.5, oversample_hard=True),
+        Arm("dhvae_filtered", method="dhvae", n=500, filter_dice=0.5, oversample_hard=True),
     )
 }
 
@@ -261,11 +266,15 @@ def fold_pairs(
     should_stop: StopFn | None = None,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """``n`` offline pairs of ``method`` fitted on the fold's training patients only (cached)."""
+    """``n`` offline pairs of ``method`` fitted on the fold's training patients only.
+
+    Cached in ``work_dir/<method>/pairs.npy``: a draw's first ``n`` pairs do not depend on how many
+    were drawn, so a longer cached draw serves a shorter one.
+    """
+    out = work_dir / method / "pairs.npy"
+    if out.is_file() and len(cached := np.load(out, allow_pickle=False)) >= n:
+        return cached[:n]
     if method == "insert_dhvae":  # the dHVAE's tumours in the training patients' real slices
-        out = work_dir / method / "pairs.npy"
-        if out.is_file() and len(cached := np.load(out, allow_pickle=False)) >= n:
-            return cached[:n]
         donors = fold_pairs(
             "dhvae", n, fold, cfg, work_dir, progress=progress, should_stop=should_stop, device=device
         )
@@ -286,6 +295,56 @@ def fold_pairs(
     return synthetic_pairs(
         method, fold.data, ecfg, work_dir, progress=progress, should_stop=should_stop, device=device
     )
+
+
+def agreement_filter(
+    pairs: np.ndarray,
+    n: int,
+    fold: FoldData,
+    arm: Arm,
+    cfg: CVConfig,
+    work_dir: Path,
+    *,
+    budget: int,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """``n`` of ``pairs`` chosen by agreement (issue 11, B.3; after FreeMask).
+
+    A U-Net trained on the fold's real slices only (the strong baseline's recipe, seed 0, the fold's
+    budget) segments every candidate pair; a pair whose soft Dice is below ``arm.filter_dice`` is
+    dropped (its mask disagrees with its image). With ``arm.oversample_hard``, ``n`` pairs are then
+    drawn from the kept ones with probability proportional to ``1 - Dice + 0.05``, so the masks the
+    U-Net finds hard come more often; otherwise the first ``n`` kept ones are used. The scores are
+    cached per pair source (``work_dir/<method>/agreement.npy``). Returns the pairs and a summary.
+    """
+    from .segmenter import predict_slices, soft_dice
+
+    path = work_dir / arm.method / "agreement.npy"
+    if path.is_file() and len(scores := np.load(path, allow_pickle=False)) == len(pairs):
+        dice = scores
+    else:
+        scorer = train_segmenter(
+            fold.real_pool,
+            seed=0,
+            cfg=cfg.segmenter,
+            protocol="step_matched",
+            steps=budget,
+            online=[OnlineAugment()],
+            device=device,
+        )
+        dice = soft_dice(predict_slices(scorer, pairs[:, 0]), pairs[:, 1] > 0.5)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_npy_atomic(path, dice)
+    kept = np.flatnonzero(dice >= arm.filter_dice)
+    if not len(kept):
+        raise DHVAEError(f"no {arm.method} pair passes the agreement filter (Dice >= {arm.filter_dice})")
+    if arm.oversample_hard:
+        w = 1.0 - dice[kept] + 0.05
+        chosen = np.random.default_rng([cfg.sample_seed, 7]).choice(kept, size=n, replace=True, p=w / w.sum())
+    else:
+        chosen = kept[:n]
+    summary = {"candidates": len(pairs), "kept": int(len(kept)), "median_dice": float(np.median(dice))}
+    return pairs[chosen], summary
 
 
 def run_arm(

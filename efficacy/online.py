@@ -18,9 +18,10 @@ and the mask stays binary. The draws of a batch come from a torch generator seed
 a run is reproducible and its batches do not depend on how many runs came before it.
 
 Why MONAI's batched layers rather than its per-image dictionary transforms (``RandFlipd``,
-``Rand2DElasticd``, ``RandAdjustContrastd``, ``RandGaussianNoised``), which compute the same things: on
-2 CPU cores the per-image transforms cost 0.14 s per batch of 32 slices of 128 px, 70 % of a small
-U-Net's step; the batched warp costs a few milliseconds.
+``Rand2DElasticd``, ``RandAdjustContrastd``, ``RandGaussianNoised``), which compute the same things:
+for a batch of 32 slices of 128 px the per-image transforms took 0.14 s and this 0.05 s (2-core AMD
+EPYC with AVX512-BF16, both measured with the other core busy), against 0.19 s for a whole step of the
+``small`` U-Net.
 """
 
 from __future__ import annotations

@@ -327,25 +327,35 @@ function eta(p) {
   return s >= 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s} s`;
 }
 
+// The loss terms of a training, each scaled to its own range: a sparkline per term, up to four.
+const COLOURS = ["#0b5cad", "#a4161a", "#1b6e3a", "#7a4f01"];
+const NOT_LOSSES = new Set(["epoch", "slices_per_s", "draws", "acceptance", "dice_slice"]);
+
 function lossCanvas(id) {
   const c = document.createElement("canvas");
-  c.width = 120;
-  c.height = 28;
+  c.width = 140;
+  c.height = 32;
   c.setAttribute("role", "img");
   const hist = state.losses.get(id) || [];
-  c.setAttribute("aria-label", hist.length ? `loss ${hist[hist.length - 1].toFixed(4)} after ${hist.length} updates` : "no loss yet");
-  if (hist.length > 1) {
-    const ctx = c.getContext("2d");
-    const lo = Math.min(...hist), hi = Math.max(...hist);
-    ctx.strokeStyle = "#0b5cad";
+  const names = hist.length ? Object.keys(hist[hist.length - 1]).slice(0, COLOURS.length) : [];
+  c.setAttribute("aria-label", names.length
+    ? names.map((k) => `${k} ${Number(hist[hist.length - 1][k]).toPrecision(3)}`).join(", ") + ` after ${hist.length} updates`
+    : "no loss yet");
+  c.title = c.getAttribute("aria-label");
+  const ctx = c.getContext("2d");
+  names.forEach((name, k) => {
+    const ys = hist.map((h) => h[name]).filter((v) => typeof v === "number");
+    if (ys.length < 2) return;
+    const lo = Math.min(...ys), hi = Math.max(...ys);
+    ctx.strokeStyle = COLOURS[k];
     ctx.beginPath();
-    hist.forEach((v, i) => {
-      const x = (i / (hist.length - 1)) * (c.width - 2) + 1;
+    ys.forEach((v, i) => {
+      const x = (i / (ys.length - 1)) * (c.width - 2) + 1;
       const y = c.height - 2 - ((v - lo) / (hi - lo || 1)) * (c.height - 4);
       if (i) ctx.lineTo(x, y); else ctx.moveTo(x, y);
     });
     ctx.stroke();
-  }
+  });
   return c;
 }
 
@@ -429,10 +439,10 @@ async function readEvents(id, signal) {
 function onJob(job) {
   state.jobs.set(job.id, job);
   const m = (job.progress && job.progress.metrics) || {};
-  const loss = m.loss ?? m.total ?? m.elbo;
-  if (job.progress && job.progress.stage === "train" && typeof loss === "number") {
+  const terms = Object.fromEntries(Object.entries(m).filter(([k, v]) => typeof v === "number" && !NOT_LOSSES.has(k)));
+  if (job.progress && job.progress.stage === "train" && Object.keys(terms).length) {
     const hist = state.losses.get(job.id) || [];
-    hist.push(loss);
+    hist.push(terms);
     if (hist.length > 300) hist.shift();
     state.losses.set(job.id, hist);
   }

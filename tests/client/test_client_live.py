@@ -10,7 +10,17 @@ from pathlib import Path
 
 import pytest
 import requests
-from dhvae_client import AuthError, Client, CohortInvalid, Conflict, JobFailed, NotFound, TooLarge
+from dhvae_client import (
+    AuthError,
+    BadRequest,
+    Client,
+    CohortInvalid,
+    Conflict,
+    JobFailed,
+    NotFound,
+    TooLarge,
+    TooManyJobs,
+)
 from dhvae_client.cli import main as remote
 
 from tests.service.conftest import SHARED_TRAIN
@@ -22,7 +32,11 @@ MAX_UPLOAD = 10 << 20  # the stack's body limit: a 12 MB body is past it
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    yield from live_stack(tmp_path_factory.mktemp("client-stack"), DHVAE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD))
+    yield from live_stack(
+        tmp_path_factory.mktemp("client-stack"),
+        DHVAE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
+        DHVAE_MAX_ACTIVE_JOBS="2",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +158,17 @@ def test_the_cli_uploads_follows_and_downloads(stack, cohort_folder, tmp_path, c
     assert "succeeded" in printed and (out / "manifest.json").is_file()
     assert remote([*base, "status", "job_" + "0" * 32]) == 1
     assert "404" in capsys.readouterr().err
+
+
+def test_too_many_jobs_and_a_bad_request(stack, cohort_folder):
+    """Last in the module: tenant b fills its active-job cap (2 here), then cancels."""
+    with Client(stack.url, "key-b", progress=False, retries=0) as c:
+        cohort = c.upload_cohort(cohort_folder)
+        with pytest.raises(BadRequest) as e:
+            c.augment(cohort, n_pairs=0, steps=1)
+        assert e.value.status == 422 and any(p.file.endswith("n_pairs") for p in e.value.problems)
+        jobs = [c.train(cohort, steps=5000) for _ in range(2)]
+        with pytest.raises(TooManyJobs, match="429"):
+            c.train(cohort, steps=5000)
+        for job in jobs:
+            job.cancel()

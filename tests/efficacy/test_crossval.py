@@ -188,3 +188,34 @@ def test_unknown_arm_is_refused():
         CVConfig(arms=("stylegan",))
     assert REFERENCE in CVConfig(arms=("real",)).arms
     assert ARMS["insert"].method == "insert"
+
+
+def test_the_agreement_filter_drops_disagreeing_pairs_and_favours_hard_ones(cohort, tmp_path):
+    from efficacy.crossval import agreement_filter
+
+    cfg = CVConfig(seeds=(0,), segmenter=TINY_UNET, folds=2)
+    split = make_folds([c.case_id for c in cohort.slices.cases], 2, seed=0)[0]
+    fold = fold_data(cohort, split, 0, cfg)
+    good = fold.data.real_train[:6].copy()
+    bad = good.copy()
+    bad[:, 1] = np.roll(bad[:, 1], 12, axis=-1)  # masks moved off their tumours: disagreement
+    arm = ARMS["insert_filtered"]
+    candidates = np.concatenate([good, bad])
+    dice = np.r_[np.full(6, 0.9), np.full(6, 0.1)]
+    (tmp_path / arm.method).mkdir()
+    np.save(tmp_path / arm.method / "agreement.npy", dice)  # the scorer's verdicts, as cached
+    chosen, summary = agreement_filter(candidates, 8, fold, arm, cfg, tmp_path, budget=2)
+    assert summary["kept"] == 6 and len(chosen) == 8
+    assert all(any(np.array_equal(c, g) for g in good) for c in chosen)  # only agreeing pairs
+    import dataclasses
+
+    with pytest.raises(DHVAEError, match="agreement filter"):
+        agreement_filter(
+            candidates, 4, fold, dataclasses.replace(arm, filter_dice=0.95), cfg, tmp_path, budget=2
+        )
+    # without a cache the scorer is trained on the fold's real slices (tiny: 2 steps) and scores all
+    fresh = tmp_path / "fresh"
+    chosen, summary = agreement_filter(
+        candidates, 4, fold, dataclasses.replace(arm, filter_dice=0.0), cfg, fresh, budget=2
+    )
+    assert summary["candidates"] == 12 and len(np.load(fresh / arm.method / "agreement.npy")) == 12
