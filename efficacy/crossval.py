@@ -315,7 +315,9 @@ def agreement_filter(
     dropped (its mask disagrees with its image). With ``arm.oversample_hard``, ``n`` pairs are then
     drawn from the kept ones with probability proportional to ``1 - Dice + 0.05``, so the masks the
     U-Net finds hard come more often; otherwise the first ``n`` kept ones are used. The scores are
-    cached per pair source (``work_dir/<method>/agreement.npy``). Returns the pairs and a summary.
+    cached per pair source (``work_dir/<method>/agreement.npy``). A scorer that agrees with no pair
+    (a U-Net of a few steps) keeps the best-scoring tenth instead, flagged in the summary. Returns the
+    pairs and a summary.
     """
     from .segmenter import predict_slices, soft_dice
 
@@ -336,14 +338,21 @@ def agreement_filter(
         path.parent.mkdir(parents=True, exist_ok=True)
         write_npy_atomic(path, dice)
     kept = np.flatnonzero(dice >= arm.filter_dice)
-    if not len(kept):
-        raise DHVAEError(f"no {arm.method} pair passes the agreement filter (Dice >= {arm.filter_dice})")
+    fallback = not len(kept)
+    if fallback:  # a scorer that agrees with nothing: keep its best tenth, and say so in the row
+        log.warning("no %s pair reaches Dice %.2f: keeping the best tenth", arm.method, arm.filter_dice)
+        kept = np.argsort(-dice)[: max(1, len(dice) // 10)]
     if arm.oversample_hard:
         w = 1.0 - dice[kept] + 0.05
         chosen = np.random.default_rng([cfg.sample_seed, 7]).choice(kept, size=n, replace=True, p=w / w.sum())
     else:
         chosen = kept[:n]
-    summary = {"candidates": len(pairs), "kept": int(len(kept)), "median_dice": float(np.median(dice))}
+    summary = {
+        "candidates": len(pairs),
+        "kept": int(len(kept)),
+        "median_dice": float(np.median(dice)),
+        "fallback_best_tenth": fallback,
+    }
     return pairs[chosen], summary
 
 
@@ -448,10 +457,13 @@ def run_crossval(
             reporter.check_cancelled()
             arm, fold = cfg.arm(name), folds[i]
             fdir = work_dir / f"fold{i}"
-            pairs = (
-                fold_pairs(
+            pairs, agreement = None, None
+            if arm.n:
+                # the agreement filter chooses from twice as many candidates as it keeps
+                want = 2 * arm.n if arm.filter_dice else arm.n
+                pairs = fold_pairs(
                     arm.method,
-                    arm.n,
+                    want,
                     fold,
                     cfg,
                     fdir,
@@ -459,10 +471,13 @@ def run_crossval(
                     should_stop=should_stop,
                     device=device,
                 )
-                if arm.n
-                else None
-            )
+                if arm.filter_dice:
+                    pairs, agreement = agreement_filter(
+                        pairs, arm.n, fold, arm, cfg, fdir, budget=budgets[i]["steps"], device=device
+                    )
             row = run_arm(arm, fold, pairs, seed=seed, budget=budgets[i]["steps"], cfg=cfg, device=device)
+            if agreement:
+                row["agreement"] = agreement
             rows.append(row)
             sink.write(json.dumps(row) + "\n")
             sink.flush()

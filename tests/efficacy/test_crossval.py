@@ -143,15 +143,18 @@ def test_paired_gain_and_the_recommendation():
 
 def test_crossval_end_to_end_resumes(cohort, tmp_path):
     cfg = CVConfig(
-        arms=("real", REFERENCE, "insert", "insert_online", "real_fixed_epochs"),
+        arms=("real", REFERENCE, "insert", "insert_online", "real_fixed_epochs", "insert_filtered"),
         folds=2,
         seeds=(0,),
         max_steps=4,
         eval_every=2,
         segmenter=TINY_UNET,
+        n_synthetic=8,
     )
     report = run_crossval(cohort, cfg, tmp_path)
-    assert report["complete"] and report["runs_done"] == 2 * 5
+    assert report["complete"] and report["runs_done"] == 2 * 6
+    filtered = [r for r in report["rows"] if r["arm"] == "insert_filtered"]
+    assert all(r["agreement"]["candidates"] == 16 and r["n"] == 8 for r in filtered)  # 2N scored, N kept
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert {r["arm"] for r in rows} == set(cfg.arms)
     for r in rows:
@@ -172,7 +175,7 @@ def test_crossval_end_to_end_resumes(cohort, tmp_path):
     for f in report["folds"]:
         assert f["budget"]["validation_patient"] in f["train"] and f["budget"]["steps"] in (2, 4)
     again = run_crossval(cohort, cfg, tmp_path)  # nothing left to run: the same rows
-    assert again["runs_done"] == 10 and len((tmp_path / "rows.jsonl").read_text().splitlines()) == 10
+    assert again["runs_done"] == 12 and len((tmp_path / "rows.jsonl").read_text().splitlines()) == 12
     write_crossval(again, tmp_path / "out")
     md = (tmp_path / "out" / "efficacy_cv.md").read_text()
     assert "Paired gain over `real_aug`" in md and "**Recommendation**" in md
@@ -209,10 +212,9 @@ def test_the_agreement_filter_drops_disagreeing_pairs_and_favours_hard_ones(coho
     assert all(any(np.array_equal(c, g) for g in good) for c in chosen)  # only agreeing pairs
     import dataclasses
 
-    with pytest.raises(DHVAEError, match="agreement filter"):
-        agreement_filter(
-            candidates, 4, fold, dataclasses.replace(arm, filter_dice=0.95), cfg, tmp_path, budget=2
-        )
+    strict = dataclasses.replace(arm, filter_dice=0.95)
+    _, summary = agreement_filter(candidates, 4, fold, strict, cfg, tmp_path, budget=2)
+    assert summary["fallback_best_tenth"] and summary["kept"] == 1  # nothing agrees: the best tenth, flagged
     # without a cache the scorer is trained on the fold's real slices (tiny: 2 steps) and scores all
     fresh = tmp_path / "fresh"
     chosen, summary = agreement_filter(
