@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,16 +41,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from imaging.cohort import fold_training_patients
 from imaging.errors import DHVAEError
 from imaging.files import atomic_file, write_json_atomic, write_npy_atomic
 from imaging.ingest import IngestResult
 from imaging.preprocess import ResampledCase
 from imaging.progress import ProgressFn, Reporter, StopFn
-from models.insert import OnlineInsert, brain_mask, insert_pairs, recipient_slices
+from models.insert import OnlineInsert, insert_pairs, recipient_slices
 from models.registry import GENERATORS
 
-from .grid import EfficacyConfig, EfficacyData, read_rows, split_cohort, synthetic_pairs
+from .grid import EfficacyConfig, EfficacyData, claim_work_dir, read_rows, split_cohort, synthetic_pairs
 from .online import OnlineAugment
+from .report import json_safe, summarize
 from .segmenter import (
     LoaderRecipe,
     OnlineTransform,
@@ -165,7 +166,7 @@ class CVConfig:
 def make_folds(case_ids: Sequence[str], folds: int, *, seed: int) -> list[PatientSplit]:
     """``folds`` patient-level splits whose test groups partition the patients (sizes differ by <= 1)."""
     patients = sorted(set(case_ids))
-    if len(patients) < folds or len(patients) - math.ceil(len(patients) / folds) < 2:
+    if fold_training_patients(len(patients), folds) < 2:
         raise DHVAEError(
             f"{len(patients)} patient(s) cannot make {folds} folds with at least 2 training patients each"
         )
@@ -185,13 +186,12 @@ class FoldData:
 
 
 def tumour_free_slices(cases: Sequence[ResampledCase], k: int, *, seed: int) -> np.ndarray:
-    """``k`` tumour-free axial slices with at least 10 % brain, drawn without replacement (seeded)."""
-    pool = [
-        np.stack([c.image[:, :, z], np.zeros_like(c.image[:, :, z])])
-        for c in cases
-        for z in range(c.image.shape[-1])
-        if not c.mask[:, :, z].any() and brain_mask(c.image[:, :, z]).mean() >= 0.1
-    ]
+    """``k`` tumour-free axial slices with enough brain to receive a tumour (:func:`recipient_slices`:
+    at least 10 %), drawn without replacement (seeded)."""
+    try:
+        pool = [s for s in recipient_slices(cases) if not s[1].any()]
+    except ValueError:  # no slice with enough brain at all
+        pool = []
     if not pool or k <= 0:
         return np.zeros((0, 2, *cases[0].image.shape[:2]), np.float32)
     idx = np.random.default_rng(seed).choice(len(pool), size=min(k, len(pool)), replace=False)
@@ -420,15 +420,8 @@ def run_crossval(
     it finished. The work folder's settings must match (arms may be added).
     """
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("arms", "seeds")}))
-    spath = work_dir / "settings.json"
-    if spath.is_file() and json.loads(spath.read_text()) != settings:
-        raise DHVAEError(
-            f"{work_dir} holds a cross-validation with other settings; use another work directory"
-        )
-    with atomic_file(spath, "w") as sf:
-        sf.write(json.dumps(settings, indent=2))
+    claim_work_dir(work_dir, settings, "a cross-validation")
 
     splits = make_folds([c.case_id for c in ing.slices.cases], cfg.folds, seed=cfg.fold_seed)
     folds = [fold_data(ing, s, i, cfg) for i, s in enumerate(splits)]
@@ -509,11 +502,6 @@ def run_crossval(
 # --- statistics -----------------------------------------------------------------------------------
 
 
-def _mean_std(values: Sequence[float]) -> dict[str, float]:
-    v = np.asarray(values, np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
-
-
 def paired_gain(
     rows: Sequence[dict[str, Any]],
     arm: str,
@@ -572,7 +560,7 @@ def summarise(rows: Sequence[dict[str, Any]], cfg: CVConfig) -> dict[str, Any]:
         for fold in sorted({r["fold"] for r in mine}) + ["pooled"]:
             sel = mine if fold == "pooled" else [r for r in mine if r["fold"] == fold]
             table.append(
-                {"arm": name, "fold": fold, **{m: _mean_std([r[m] for r in sel]) for m in CV_METRICS}}
+                {"arm": name, "fold": fold, **{m: summarize([r[m] for r in sel]) for m in CV_METRICS}}
             )
     gains = {
         name: {
@@ -695,8 +683,6 @@ def write_crossval(
     report: dict[str, Any], out_dir: Path, stem: str = "efficacy_cv", extra_md: str = ""
 ) -> None:
     """``out_dir/<stem>.{json,md,png}``."""
-    from .report import json_safe
-
     out_dir.mkdir(parents=True, exist_ok=True)
     if any("dice_slice" in g for g in report["gains"].values()):
         plot_crossval(report, out_dir / f"{stem}.png")

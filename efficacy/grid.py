@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,6 +288,19 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def claim_work_dir(
+    work_dir: Path, settings: dict[str, Any], what: str, shared: Callable[[dict[str, Any]], Any] = lambda s: s
+) -> None:
+    """Create ``work_dir`` and record ``settings`` in its ``settings.json``; DHVAEError if the folder
+    already holds a run whose ``shared(settings)`` differ (a resumed run must be the same run)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    settings_path = work_dir / "settings.json"
+    if settings_path.is_file() and shared(json.loads(settings_path.read_text())) != shared(settings):
+        raise DHVAEError(f"{work_dir} holds {what} with other settings; use another work directory")
+    with atomic_file(settings_path, "w") as f:
+        f.write(json.dumps(settings, indent=2))
+
+
 def run_efficacy(
     data: EfficacyData,
     cfg: EfficacyConfig,
@@ -304,7 +317,6 @@ def run_efficacy(
     that is all of them).
     """
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
 
     # Everything but the list of methods must match the run already in the folder: each method's
     # pairs and U-Nets depend on the shared settings alone, so a run can be extended by more methods
@@ -313,11 +325,7 @@ def run_efficacy(
         return {**s, "config": {k: v for k, v in s["config"].items() if k != "methods"}}
 
     settings = json.loads(json.dumps({"config": cfg.to_dict(), "data": data.summary()}))
-    settings_path = work_dir / "settings.json"
-    if settings_path.is_file() and shared(json.loads(settings_path.read_text())) != shared(settings):
-        raise DHVAEError(f"{work_dir} holds a run with other settings; use another work directory")
-    with atomic_file(settings_path, "w") as f:
-        f.write(json.dumps(settings, indent=2))
+    claim_work_dir(work_dir, settings, "a run", shared)
 
     pairs: dict[str, np.ndarray] = {}
     failed: dict[str, str] = {}

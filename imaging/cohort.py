@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,6 +319,14 @@ def split_sizes(n_patients: int, test_fraction: float) -> tuple[int, int]:
     API's warnings about small splits (``service/routes/evaluations.py``) both count with it."""
     n_test = min(max(1, round(test_fraction * n_patients)), n_patients - 1)
     return n_patients - n_test, n_test
+
+
+def fold_training_patients(n_patients: int, folds: int) -> int:
+    """Training patients of the smallest fold when ``n_patients`` are cut into ``folds`` test groups
+    (0 when there are fewer patients than folds). The engine's folds (``efficacy.crossval.make_folds``)
+    and the API's check of a cross-validated evaluation (``service/routes/evaluations.py``) both count
+    with it."""
+    return 0 if n_patients < folds else n_patients - math.ceil(n_patients / folds)
 
 
 def canonical_channel(name: str, spec: CohortSpec | None = None) -> str:

@@ -96,7 +96,6 @@ def preview_png(out_dir: Path, n: int, synthetic_only: bool = True, offset: int 
     with the mask outline in red."""
     import nibabel as nib
     import numpy as np
-    from PIL import Image
 
     pairs = [p for p in published_pairs(out_dir) if not synthetic_only or p[0].startswith("synth")]
     pairs = pairs[offset : offset + n]
@@ -108,9 +107,7 @@ def preview_png(out_dir: Path, n: int, synthetic_only: bool = True, offset: int 
         mask = np.asarray(nib.Nifti1Image.from_filename(out_dir / files[-1]).dataobj) > 0
         if image.ndim == 2:
             image, mask = image[..., None], mask[..., None]
-        areas = mask.reshape(-1, mask.shape[-1]).sum(0)
-        z = int(np.argmax(areas)) if areas.any() else image.shape[-1] // 2
-        tiles.append(_tile(image[..., z], mask[..., z]))
+        tiles.append(_most_tumour_tile(image, mask))
     cols = min(len(tiles), 4)
     rows = (len(tiles) + cols - 1) // cols
     h, w = tiles[0].shape[:2]
@@ -118,26 +115,34 @@ def preview_png(out_dir: Path, n: int, synthetic_only: bool = True, offset: int 
     for i, t in enumerate(tiles):
         r, c = divmod(i, cols)
         grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = t
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
-    return buf.getvalue()
+    return _png(grid)
 
 
 def case_preview_png(root: Path, case_id: str, channel: str | None) -> bytes:
     """PNG of a stored cohort case's axial slice with the most tumour (mask outline in red)."""
-    import numpy as np
-    from PIL import Image
-
     from imaging.cohort import CohortSpec, load_case, read_cohort
 
     spec = CohortSpec(channel=channel) if channel else CohortSpec()
     case = next(c for c in read_cohort(root, spec).cases if c.case_id == case_id)
     image, mask, _ = load_case(case, spec)
+    return _png(_most_tumour_tile(image, mask > 0))
+
+
+def _png(rgb) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _most_tumour_tile(image, mask):
+    """The tile (:func:`_tile`) of a volume's axial slice with the most tumour (the middle one if none)."""
+    import numpy as np
+
     areas = mask.reshape(-1, mask.shape[-1]).sum(0)
     z = int(np.argmax(areas)) if areas.any() else image.shape[-1] // 2
-    buf = io.BytesIO()
-    Image.fromarray(_tile(image[..., z], mask[..., z] > 0)).save(buf, format="PNG")
-    return buf.getvalue()
+    return _tile(image[..., z], mask[..., z])
 
 
 def _tile(image, mask):

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from contract import tasks
 from contract.schemas import EvaluateTask, EvaluationRequest, JobAccepted, JobKind, JobProgress
-from imaging.cohort import split_sizes
+from imaging.cohort import fold_training_patients, split_sizes
 from runtime.storage import new_id
 from service.deps import Ctx, Tenant
 from service.errors import AUTHED, ApiError
@@ -76,7 +76,7 @@ def create_evaluation(
             check_max(body.steps, ctx.settings.max_steps, "steps")
         if body.design == "crossval":
             check_max(body.max_steps, ctx.settings.max_steps, "max_steps")
-            if len(cohort.cases) - -(-len(cohort.cases) // body.folds) < 2:
+            if fold_training_patients(len(cohort.cases), body.folds) < 2:
                 raise ApiError(
                     422,
                     f"cohort {body.cohort_id} has {len(cohort.cases)} patients: too few for {body.folds} folds "

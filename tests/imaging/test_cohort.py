@@ -422,3 +422,10 @@ def test_cohort_modules_do_not_import_torch() -> None:
     )
     root = Path(__file__).parents[2]
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+def test_fold_training_patients():
+    from imaging.cohort import fold_training_patients
+
+    assert fold_training_patients(6, 3) == 4 and fold_training_patients(7, 3) == 4
+    assert fold_training_patients(3, 5) == 0  # fewer patients than folds: no fold at all

@@ -486,3 +486,9 @@ def test_evaluation_refuses_a_model_trained_on_the_same_cohort(client, settings,
     )
     assert r.status_code == 409 and "test patients" in r.json()["detail"]
     assert queued_messages(settings) == []
+
+
+def test_a_crossval_evaluation_of_too_few_patients_is_refused(client, cohort_id):
+    body = {"cohort_id": cohort_id, "design": "crossval", "folds": 2, "seeds": 1}
+    r = client.post("/v1/evaluations", json=body, headers=A)
+    assert r.status_code == 422 and "too few for 2 folds" in r.json()["detail"]
