@@ -17,11 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 Preset = Literal["tiny", "small", "paper"]
 # The generator a training or augmentation fits: the trained generators of models/registry.py.
 # "traditional" (nothing to train) is CLI-only for now.
-Generator = Literal["dhvae", "hvae", "vae", "lsgan"]
+Generator = Literal["dhvae", "hvae", "vae", "lsgan", "spade"]
 # What an augmentation can use: every generator, the two that train nothing (no model is made) included.
 Untrained = Literal["traditional", "insert"]
 UNTRAINED: tuple[str, ...] = ("traditional", "insert")
-Method = Literal["dhvae", "hvae", "vae", "lsgan", "traditional", "insert"]
+Method = Literal["dhvae", "hvae", "vae", "lsgan", "spade", "traditional", "insert"]
 ID_PATTERN = r"^[a-z]{3}_[0-9a-f]{32}$"
 SEED_MAX = 2**32 - 1
 
@@ -133,7 +133,7 @@ class AugmentationRequest(_Body):
     )
 
 
-Baseline = Literal["traditional", "insert", "vae", "hvae", "lsgan"]
+Baseline = Literal["traditional", "insert", "vae", "hvae", "lsgan", "spade"]
 # The arms of a cross-validated evaluation: efficacy/crossval.py's ARMS (the drift test checks).
 Arm = Literal[
     "real",
@@ -146,6 +146,7 @@ Arm = Literal[
     "dhvae_pretrain",
     "insert_dhvae",
     "vae",
+    "masks_first",
     "insert_filtered",
     "dhvae_filtered",
 ]  # every generator of the registry but dhvae
@@ -186,7 +187,7 @@ class EvaluationRequest(_Body):
         description="split: one patient split, the method x N x seed grid (test_fraction, n_pairs, "
         "protocols, baselines). crossval: patient-level cross-validation over `folds` folds, the `arms` "
         "against the strong baseline (real slices with online augmentation), a step budget chosen on an "
-        "inner validation patient, paired gains with a patient-bootstrap interval, and a recommendation.",
+        "inner validation (`inner_patients` held-out training patients), paired gains with a patient-bootstrap interval, and a recommendation.",
     )
     folds: int = Field(3, ge=2, le=10, description="crossval: folds (every patient is tested once).")
     max_steps: int = Field(
@@ -195,6 +196,13 @@ class EvaluationRequest(_Body):
         le=20000,
         description="crossval: the longest inner-validation run; the budget is where its validation Dice "
         "stops improving, checked every tenth of it.",
+    )
+    inner_patients: int = Field(
+        2,
+        ge=1,
+        le=5,
+        description="crossval: training patients held out in turn to choose each fold's step budget "
+        "(their validation curves averaged; at most all but one of the fold's training patients).",
     )
     arms: list[Arm] = Field(
         ["real", "real_aug", "insert", "insert_online"],
@@ -208,11 +216,11 @@ class EvaluationRequest(_Body):
 
     def n_runs(self) -> int:
         """U-Nets the evaluation trains. split: (real-only + each generator at each N) x seeds x
-        protocols; crossval: (arms, the strong baseline included) x folds x seeds, plus one inner
-        validation run per fold."""
+        protocols; crossval: (arms, the strong baseline included) x folds x seeds, plus
+        ``inner_patients`` inner-validation runs per fold (at most)."""
         if self.design == "crossval":
             arms = set(self.arms) | {"real_aug"}
-            return len(arms) * self.folds * len(self.seed_list()) + self.folds
+            return len(arms) * self.folds * len(self.seed_list()) + self.folds * self.inner_patients
         n_generators = 1 + len(set(self.baselines) - {self.model})
         return (1 + n_generators * len(set(self.n_pairs))) * len(self.seed_list()) * len(set(self.protocols))
 

@@ -9,10 +9,12 @@ of 4 training and 2 test patients, so that every patient is tested once):
 2. **the U-Net's data**: every tumour slice of the training patients plus tumour-free brain slices of
    the same patients (``tumour_free_ratio`` of them per tumour slice, seeded), so that the U-Net learns
    to say "no tumour" and its 3D Dice, HD95 and false-positive volume mean something.
-3. **the step budget without the test patients** (:func:`choose_budget`): one training patient of the
-   fold is held out (inner validation); the strong baseline trains on the others up to ``max_steps``,
-   its slice Dice on the held-out patient measured every ``eval_every`` steps; the budget is the first
-   step count whose (3-point smoothed) validation Dice is within ``plateau_tol`` of the curve's best.
+3. **the step budget without the test patients** (:func:`choose_budget`): ``inner_patients``
+   training patients of the fold are held out in turn (inner validation); each time the strong baseline
+   trains on the other training patients up to ``max_steps``, its slice Dice on the held-out patient
+   measured every ``eval_every`` steps. The curves are averaged, smoothed over 3 points (at the ends,
+   over the 2 that exist: the first point is not counted twice), and the budget is the first step
+   count within ``plateau_tol`` of the smoothed curve's best.
    Every arm of the fold then trains that many steps (arms marked ``fixed_epochs``: the paper's 40
    epochs, a comparison row).
 4. **arms** (:data:`ARMS`): what a U-Net trains on and how. ``real_aug``, real slices with the online
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -118,6 +120,9 @@ ARMS: dict[str, Arm] = {
         Arm("dhvae_pretrain", method="dhvae", n=500, pretrain_fraction=0.3),
         Arm("insert_dhvae", method="insert_dhvae", n=500),  # dHVAE tumours pasted into real slices
         Arm("vae", method="vae", n=500),
+        Arm(
+            "masks_first", method="spade", n=500
+        ),  # a real mask moved and resized, its image rendered by SPADE
         # FreeMask's recipe on any generator: drop the pairs a real-only U-Net disagrees with, resample hard ones
         Arm("insert_filtered", method="insert", n=500, filter_dice=0.5, oversample_hard=True),
         Arm("dhvae_filtered", method="dhvae", n=500, filter_dice=0.5, oversample_hard=True),
@@ -137,6 +142,7 @@ class CVConfig:
     max_steps: int = 1200
     eval_every: int = 100
     plateau_tol: float = 0.005
+    inner_patients: int = 2  # training patients held out in turn to choose the budget (their curves averaged)
     preset: str = "small"  # the learned generators (dhvae, vae, insert_dhvae's donors)
     generator_steps: int = 2000
     generator_seed: int = 0
@@ -153,6 +159,8 @@ class CVConfig:
             object.__setattr__(self, "arms", (REFERENCE, *self.arms))
         if self.folds < 2 or not self.seeds:
             raise DHVAEError("a cross-validation needs at least 2 folds and one seed")
+        if self.inner_patients < 1:
+            raise DHVAEError("the inner validation needs at least one held-out training patient")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,26 +215,37 @@ def fold_data(ing: IngestResult, split: PatientSplit, index: int, cfg: CVConfig)
     return FoldData(index, data, train_cases, np.concatenate([data.real_train, free]))
 
 
-def choose_budget(
-    ing: IngestResult, fold: FoldData, cfg: CVConfig, work_dir: Path, device: torch.device | str = "cpu"
-) -> dict[str, Any]:
-    """The fold's step budget from an inner validation of the strong baseline (cached as budget.json)."""
-    path = work_dir / "budget.json"
-    work_dir.mkdir(parents=True, exist_ok=True)
-    if path.is_file():
-        return json.loads(path.read_text())
+def smooth3(values: Sequence[float]) -> np.ndarray:
+    """3-point moving average; at each end, the mean of the 2 points that exist (no padding, so an
+    end point is not counted twice)."""
+    v = np.asarray(values, dtype=np.float64)
+    return np.array([v[max(0, i - 1) : i + 2].mean() for i in range(len(v))])
+
+
+def inner_validation_patients(fold: FoldData, cfg: CVConfig) -> list[str]:
+    """The training patients of ``fold`` held out in turn to choose its budget (seeded; at most all but
+    one, so that every inner run has a patient to train on)."""
     train = list(fold.data.split.train)
-    val_id = train[int(np.random.default_rng([cfg.fold_seed, fold.index]).integers(len(train)))]
+    k = min(cfg.inner_patients, len(train) - 1)
+    order = np.random.default_rng([cfg.fold_seed, fold.index]).permutation(len(train))
+    return sorted(train[i] for i in order[:k])
+
+
+def inner_curve(
+    ing: IngestResult, fold: FoldData, val_id: str, cfg: CVConfig, device: torch.device | str = "cpu"
+) -> list[tuple[int, float]]:
+    """The strong baseline trained on ``fold``'s training patients but ``val_id``, and its slice Dice on
+    ``val_id`` every ``cfg.eval_every`` steps up to ``cfg.max_steps``: [(step, dice), ...]."""
+    train = fold.data.split.train
     inner = fold_data(ing, PatientSplit(tuple(p for p in train if p != val_id), (val_id,)), fold.index, cfg)
     curve: list[tuple[int, float]] = []
 
     def validate(step: int, model: torch.nn.Module) -> None:
         if step % cfg.eval_every == 0:
-            curve.append(
-                (step, evaluate_segmenter(model, inner.data.test_cases, volumes=False)["dice_slice"])
-            )
+            dice = evaluate_segmenter(model, inner.data.test_cases, volumes=False)["dice_slice"]
+            curve.append((step, dice))
             model.train()
-            log.info("budget fold %d: step %d val dice %.3f", fold.index, step, curve[-1][1])
+            log.info("budget fold %d (%s held out): step %d val dice %.3f", fold.index, val_id, step, dice)
 
     train_segmenter(
         inner.real_pool,
@@ -238,18 +257,52 @@ def choose_budget(
         on_step=validate,
         device=device,
     )
-    dice = np.array([d for _, d in curve])
-    smooth = np.convolve(np.pad(dice, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    return curve
+
+
+def choose_budget(
+    ing: IngestResult,
+    fold: FoldData,
+    cfg: CVConfig,
+    work_dir: Path,
+    device: torch.device | str = "cpu",
+    *,
+    on_inner_run: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """The fold's step budget from an inner validation of the strong baseline (cached as budget.json;
+    each held-out patient's curve as ``inner_<patient>.json``, so a stopped choice resumes)."""
+    path = work_dir / "budget.json"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        return json.loads(path.read_text())
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for val_id in inner_validation_patients(fold, cfg):
+        cached = work_dir / f"inner_{val_id}.json"
+        if cached.is_file():
+            curves[val_id] = [tuple(p) for p in json.loads(cached.read_text())]
+            continue
+        curve = inner_curve(ing, fold, val_id, cfg, device)
+        write_json_atomic(cached, curve)
+        curves[val_id] = curve
+        if on_inner_run:
+            on_inner_run()
+    steps = [s for s, _ in next(iter(curves.values()))]
+    mean = np.mean([[d for _, d in c] for c in curves.values()], axis=0)
+    smooth = smooth3(mean)
     first = int(np.flatnonzero(smooth >= smooth.max() - cfg.plateau_tol)[0])
     out = {
         "fold": fold.index,
-        "validation_patient": val_id,
-        "inner_train": [p for p in train if p != val_id],
+        "validation_patients": list(curves),
         "curve": [
-            {"step": s, "dice_slice": d, "smoothed": float(m)}
-            for (s, d), m in zip(curve, smooth, strict=True)
+            {
+                "step": s,
+                "dice_slice": float(d),
+                "smoothed": float(m),
+                **{p: c[i][1] for p, c in curves.items()},
+            }
+            for i, (s, d, m) in enumerate(zip(steps, mean, smooth, strict=True))
         ],
-        "steps": curve[first][0],
+        "steps": steps[first],
     }
     write_json_atomic(path, out)
     return out
@@ -430,21 +483,31 @@ def run_crossval(
     done = {(r["fold"], r["arm"], r["seed"]) for r in rows}
     grid = [(seed, f.index, a) for seed in cfg.seeds for f in folds for a in cfg.arms]
     todo = [] if report_only else [g for g in grid if (g[1], g[2], g[0]) not in done]
-    # the total counts each fold's inner-validation run too (what the service announces)
-    total = len(grid) + len(folds)
+    # the total counts each fold's inner-validation runs too (what the service announces)
+    inner = {f.index: inner_validation_patients(f, cfg) for f in folds}
+    total = len(grid) + sum(map(len, inner.values()))
     have = {f.index for f in folds if (work_dir / f"fold{f.index}" / "budget.json").is_file()}
-    settled = len(grid) - len(todo) + len(have)
+    inner_done = sum(
+        len(p) if i in have else sum((work_dir / f"fold{i}" / f"inner_{v}.json").is_file() for v in p)
+        for i, p in inner.items()
+    )
+    settled = len(grid) - len(todo) + inner_done
     reporter = Reporter("evaluate", total, "runs", progress, should_stop, start=settled)
     reporter.report(settled)
     budgets: dict[int, dict[str, Any]] = {}
+
+    def inner_run_done() -> None:
+        nonlocal settled
+        settled += 1
+        reporter.report(settled)
+
     for f in folds:
         if report_only and f.index not in have:
             continue
         reporter.check_cancelled()
-        budgets[f.index] = choose_budget(ing, f, cfg, work_dir / f"fold{f.index}", device)
-        if f.index not in have:
-            settled += 1
-            reporter.report(settled)
+        budgets[f.index] = choose_budget(
+            ing, f, cfg, work_dir / f"fold{f.index}", device, on_inner_run=inner_run_done
+        )
     with open(rows_path, "a") as sink:
         for seed, i, name in todo:
             reporter.check_cancelled()
@@ -622,8 +685,22 @@ def crossval_markdown(report: dict[str, Any], title: str = "Cross-validated effi
         lines.append(
             f"- fold {f['fold']}: train {', '.join(f['train'])}; test {', '.join(f['test'])}; "
             f"{f['tumour_slices']} tumour + {f['real_pool'] - f['tumour_slices']} tumour-free slices; "
-            f"budget {b.get('steps', '?')} steps (inner validation on {b.get('validation_patient', '?')})"
+            f"budget {b.get('steps', '?')} steps (inner validation on "
+            f"{', '.join(b.get('validation_patients', [])) or '?'})"
         )
+    curves = [(f["fold"], f["budget"]["curve"]) for f in report.get("folds", []) if f.get("budget")]
+    if curves:
+        lines += [
+            "",
+            "Inner validation (strong baseline, slice Dice on the held-out training patients, mean of "
+            "their curves, 3-point smoothed), in %:",
+            "",
+            "| step | " + " | ".join(f"fold {i}" for i, _ in curves) + " |",
+            "|---|" + "---|" * len(curves),
+        ]
+        for j, point in enumerate(curves[0][1]):
+            cells = [f"{100 * c[j]['smoothed']:.1f}" if j < len(c) else "" for _, c in curves]
+            lines.append(f"| {point['step']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Runs: {report['runs_done']} of {report['runs_expected']} (seeds done: {report['seeds_done']}).",

@@ -86,6 +86,23 @@ class DiscriminatorConfig:
 
 
 @dataclass(frozen=True)
+class MasksFirstConfig:
+    """The masks-first generator ``spade`` (models/masks_first.py; our extension, issue 11 B.2). Unused by
+    the paper's models. Widths come from ``network`` (base_channels x channel_mult), the critic from
+    ``discriminator``, the adversarial start from ``loss.disc_start``."""
+
+    z_dim: int = 32  # SPADE's style code (MONAI SPADENet, VAE mode)
+    bank_size: int = 512  # training label maps kept (reservoir) to draw masks and brains from
+    l1_weight: float = 1.0  # |image - rendered image|
+    kl_weight: float = 0.05  # KL of the style code
+    adv_weight: float = 0.1  # least-squares GAN on the [image, mask] pair (after loss.disc_start)
+    # a drawn tumour's area: log-uniform from lo x the smallest to hi x the largest training tumour, so the
+    # sizes that are rare in the cohort come as often as the common ones
+    area_range: tuple[float, float] = (0.7, 1.4)
+    elastic_px: float = 2.0  # amplitude of a drawn mask's smooth random displacement (px at 128 x 128)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """AdamW for generator and discriminator, no scheduler (method.md, "Optimisation")."""
 
@@ -139,6 +156,7 @@ class DHVAEConfig:
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    masks_first: MasksFirstConfig = field(default_factory=MasksFirstConfig)
     preset: str = "custom"
 
     def to_dict(self) -> dict[str, Any]:

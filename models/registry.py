@@ -10,6 +10,8 @@ vae            the paper's VAE baseline: no flow, analytic KL                  :
 hvae           the paper's HVAE baseline: the flow, no discriminative term     :class:`models.dhvae.DHVAE`
 lsgan          the paper's GAN baseline: decoder as generator, PatchGAN critic :class:`models.lsgan.LSGAN`
 dhvae          the paper's method (the default)                                :class:`models.dhvae.DHVAE`
+spade          masks first: a real mask moved and resized, an image rendered   :class:`models.masks_first.MasksFirst`
+               for it by MONAI's SPADE network (our extension)
 =============  ==============================================================  =========================
 
 A generator with a class is trained by :func:`models.train.fit` on a preset of ``models/config.py``
@@ -35,6 +37,7 @@ from .config import DHVAEConfig
 from .dhvae import DHVAE
 from .insert import draw_insert
 from .lsgan import LSGAN
+from .masks_first import MasksFirst
 from .traditional import draw_traditional
 
 if TYPE_CHECKING:
@@ -67,6 +70,11 @@ REGISTRY: dict[str, GeneratorEntry] = {
         GeneratorEntry("hvae", "HVAE baseline (no discriminative regulariser)", DHVAE),
         GeneratorEntry("lsgan", "least-squares GAN baseline", LSGAN),
         GeneratorEntry("dhvae", "discriminative Hamiltonian VAE (the paper's method)", DHVAE),
+        GeneratorEntry(
+            "spade",
+            "masks first: real masks moved and resized, images rendered by a SPADE network",
+            MasksFirst,
+        ),
     )
 }
 GENERATORS: tuple[str, ...] = tuple(REGISTRY)

@@ -188,6 +188,7 @@ def evaluate(payload: dict) -> None:
                 folds=req.folds,
                 seeds=tuple(req.seed_list()),
                 max_steps=req.max_steps,
+                inner_patients=req.inner_patients,
                 n_synthetic=max(req.n_pairs),
                 eval_every=max(1, req.max_steps // 10),
                 preset=req.preset,

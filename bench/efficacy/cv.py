@@ -40,6 +40,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unet", choices=sorted(UNET_WIDTHS), default="small")
     ap.add_argument("--max-steps", type=int, default=1200, help="inner validation: longest run")
     ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--inner-patients", type=int, default=2, help="held-out training patients per fold")
+    ap.add_argument(
+        "--optimizer",
+        choices=["rmsprop", "adam"],
+        default="rmsprop",
+        help="every arm's U-Net optimiser (rmsprop: the authors'; choose with bench/efficacy/inner_probe.py)",
+    )
+    ap.add_argument("--lr", type=float, help="its learning rate (default: rmsprop 1e-4, adam 1e-3)")
     ap.add_argument("--generator-steps", type=int, default=2000)
     ap.add_argument(
         "--n", type=int, help="offline pairs of every arm that has them (default: each arm's, 500)"
@@ -59,10 +67,15 @@ def main(argv: list[str] | None = None) -> None:
         seeds=tuple(range(args.seeds)),
         max_steps=args.max_steps,
         eval_every=args.eval_every,
+        inner_patients=args.inner_patients,
         preset=args.preset,
         generator_steps=args.generator_steps,
         n_synthetic=args.n,
-        segmenter=segmenter_config(channels=UNET_WIDTHS[args.unet]),
+        segmenter=segmenter_config(
+            channels=UNET_WIDTHS[args.unet],
+            optimizer=args.optimizer,
+            lr=args.lr or {"rmsprop": 1e-4, "adam": 1e-3}[args.optimizer],
+        ),
     )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     extra = (
         f"\nCommand: `{report['command']}`. Machine: {m['cpu']} ({m['cores']} cores, flags "
         f"{', '.join(m['cpu_flags']) or 'none of ' + 'avx2/avx512'}), torch {m['torch']}, "
-        f"{m['threads']} threads{', ' + m['cuda'] if m['cuda'] else ''}. U-Net widths `{args.unet}`. "
+        f"{m['threads']} threads{', ' + m['cuda'] if m['cuda'] else ''}. U-Net widths `{args.unet}`, "
+        f"optimiser {cfg.segmenter.optimizer} (lr {cfg.segmenter.lr:g}). "
         f"Plot: `{args.name}.png`. Raw rows: `{args.name}.json`.\n"
     )
     write_crossval(report, args.out, args.name, extra)

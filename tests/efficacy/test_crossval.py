@@ -2,6 +2,7 @@
 efficacy/segmenter.py) on a phantom cohort with tiny settings."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -173,7 +174,9 @@ def test_crossval_end_to_end_resumes(cohort, tmp_path):
             report["folds"][r["fold"]]["budget"]["steps"] if r["arm"] != "real_fixed_epochs" else r["steps"]
         )
     for f in report["folds"]:
-        assert f["budget"]["validation_patient"] in f["train"] and f["budget"]["steps"] in (2, 4)
+        b = f["budget"]
+        assert len(b["validation_patients"]) == 1  # 2 training patients: one can be held out
+        assert set(b["validation_patients"]) <= set(f["train"]) and b["steps"] in (2, 4)
     again = run_crossval(cohort, cfg, tmp_path)  # nothing left to run: the same rows
     assert again["runs_done"] == 12 and len((tmp_path / "rows.jsonl").read_text().splitlines()) == 12
     write_crossval(again, tmp_path / "out")
@@ -221,3 +224,39 @@ def test_the_agreement_filter_drops_disagreeing_pairs_and_favours_hard_ones(coho
         candidates, 4, fold, dataclasses.replace(arm, filter_dice=0.0), cfg, fresh, budget=2
     )
     assert summary["candidates"] == 12 and len(np.load(fresh / arm.method / "agreement.npy")) == 12
+
+
+def test_the_budget_smoothing_does_not_count_an_end_point_twice():
+    from efficacy.crossval import smooth3
+
+    # fold 0 of the first run: a noisy first point that edge padding weighted twice (0.55 instead of 0.5)
+    np.testing.assert_allclose(smooth3([0.65, 0.35, 0.40, 0.58]), [0.5, 0.4667, 0.4433, 0.49], atol=1e-4)
+    np.testing.assert_allclose(smooth3([0.3]), [0.3])
+    np.testing.assert_allclose(smooth3([0.2, 0.4]), [0.3, 0.3])
+
+
+def test_the_budget_averages_the_held_out_patients_curves(cohort, tmp_path):
+    """Two held-out training patients: their curves are averaged before the plateau rule. Alone, the
+    first patient's noisy first point would set a 100-step budget; the mean curve rises to 400. The
+    curves come from the resumable per-patient cache, so nothing is trained here."""
+    from efficacy.crossval import choose_budget, inner_validation_patients, smooth3
+    from efficacy.segmenter import PatientSplit
+
+    ids = sorted(c.case_id for c in cohort.slices.cases)
+    cfg = CVConfig(inner_patients=2, max_steps=400, eval_every=100, segmenter=TINY_UNET)
+    fold = fold_data(cohort, PatientSplit(tuple(ids[:3]), (ids[3],)), 0, cfg)
+    held = inner_validation_patients(fold, cfg)
+    assert len(held) == 2 and set(held) <= set(ids[:3])
+    assert len(inner_validation_patients(fold, replace(cfg, inner_patients=5))) == 2  # all but one
+    curves = {held[0]: [0.7, 0.4, 0.5, 0.6], held[1]: [0.1, 0.4, 0.6, 0.7]}
+    for p, dice in curves.items():
+        (tmp_path / f"inner_{p}.json").write_text(
+            json.dumps([[100 * (i + 1), d] for i, d in enumerate(dice)])
+        )
+    calls = []
+    budget = choose_budget(cohort, fold, cfg, tmp_path, on_inner_run=lambda: calls.append(1))
+    assert budget["steps"] == 400 and budget["validation_patients"] == held and not calls
+    np.testing.assert_allclose([p["dice_slice"] for p in budget["curve"]], [0.4, 0.4, 0.55, 0.65])
+    assert budget["curve"][0][held[0]] == 0.7
+    alone = smooth3(curves[held[0]])
+    assert np.flatnonzero(alone >= alone.max() - cfg.plateau_tol)[0] == 0  # the 100-step budget

@@ -134,6 +134,18 @@ def test_authors_optimiser_learns_where_plain_rmsprop_barely_moves():
     assert authors > 0.45 and authors > plain + 0.25, (authors, plain)  # measured: 0.57 vs 0.18
 
 
+def test_the_adam_switch_trains_and_an_unknown_optimiser_is_refused():
+    from efficacy.segmenter import build_unet, make_optimizer
+
+    data = toy_pairs(16, seed=3)
+    cfg = replace(TINY_UNET, batch_size=8, epochs=40, optimizer="adam", lr=1e-2)
+    assert isinstance(make_optimizer(build_unet(cfg), cfg), torch.optim.Adam)
+    model = train_segmenter(data, seed=0, cfg=cfg)
+    assert float(soft_dice(predict_slices(model, data[:, 0]), data[:, 1]).mean()) > 0.45
+    with pytest.raises(DHVAEError, match="unknown optimizer"):
+        make_optimizer(build_unet(cfg), replace(cfg, optimizer="sgd"))
+
+
 class Thresholder(torch.nn.Module):
     """A stand-in segmenter: logit = 20 (x - 0.5), so the toy discs (0.8 on 0.2) come out near-binary."""
 
