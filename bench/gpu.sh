@@ -29,13 +29,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 if [ "$DRY" = 1 ]; then
   timeout 300 "$PY" bench/gpu_step.py --preset tiny --steps 4 --warmup 1 --precision fp32 --out "$OUT/gpu_step.json"
   timeout 600 "$PY" bench/efficacy/cv.py --arms real real_aug insert --seeds 1 --folds 3 --unet tiny \
-    --max-steps 4 --eval-every 2 --n 16 --name gpu_cv --work "$OUT/work" --out "$OUT"
+    --max-steps 4 --eval-every 2 --n 16 --optimizer adam --name gpu_cv --work "$OUT/work" --out "$OUT"
 else
   timeout 150 "$PY" bench/gpu_step.py --preset paper --steps 30 --warmup 5 --precision bf16 --out "$OUT/gpu_step.json"
   timeout 360 "$PY" bench/efficacy/cv.py --arms real real_aug real_fixed_epochs insert insert_online --seeds 3 \
-    --unet paper --name gpu_cv --work "$OUT/work" --out "$OUT" || echo "the grid stopped at its cap: partial rows" >&2
+    --unet paper --optimizer adam --name gpu_cv --work "$OUT/work" --out "$OUT" || echo "the grid stopped at its cap: partial rows" >&2
   "$PY" bench/efficacy/cv.py --arms real real_aug real_fixed_epochs insert insert_online --seeds 3 \
-    --unet paper --name gpu_cv --work "$OUT/work" --out "$OUT" --report-only
+    --unet paper --optimizer adam --name gpu_cv --work "$OUT/work" --out "$OUT" --report-only
 fi
 rm -rf "$OUT/work/cache"
 ls -la "$OUT"

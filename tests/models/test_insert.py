@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from models.insert import InsertConfig, OnlineInsert, brain_mask, insert_pairs, recipient_slices
 from models.registry import get_generator
@@ -94,3 +95,34 @@ def test_registry_draws_insert_from_a_slice_set():
     assert not entry.trained and entry.draw is not None
     pairs = entry.draw(SliceSet(), 3, 0)
     assert pairs.shape == (3, 2, 48, 48)
+
+
+def test_poisson_blend_keeps_the_source_texture_and_the_target_border():
+    from models.insert import poisson_blend
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:24, :24]
+    region = (yy - 12) ** 2 + (xx - 12) ** 2 < 36
+    target = np.full((24, 24), 0.3, np.float32)
+    texture = 0.05 * rng.standard_normal((24, 24)).astype(np.float32)
+    source = 0.8 + texture  # a bright tumour with texture, on another level
+    out = poisson_blend(source, target, region)
+    np.testing.assert_array_equal(out[~region], target[~region])  # nothing moves outside the region
+    # inside: the source up to a smooth offset, so its texture (a Laplacian) is kept exactly
+    lap = lambda a: 4 * a[1:-1, 1:-1] - a[:-2, 1:-1] - a[2:, 1:-1] - a[1:-1, :-2] - a[1:-1, 2:]  # noqa: E731
+    inner = ndimage.binary_erosion(region)[1:-1, 1:-1]
+    np.testing.assert_allclose(lap(out)[inner], lap(source)[inner], atol=1e-4)
+    assert abs(float(out[region].mean()) - 0.3) < 0.1  # the level comes from the target's border
+    # the same (source = target): identity
+    np.testing.assert_allclose(poisson_blend(target, target, region), target, atol=1e-6)
+
+
+def test_poisson_insertion_is_binary_inside_the_brain_and_deterministic():
+    cfg = InsertConfig(patch=32, min_area=10, blend="poisson")
+    donors, recipients = _slices(4), _slices(3, seed=1, tumour=False)
+    pairs = insert_pairs(donors, recipients, 6, seed=3, cfg=cfg)
+    assert set(np.unique(pairs[:, 1])) == {0.0, 1.0} and 0.0 <= pairs[:, 0].min() <= pairs[:, 0].max() <= 1.0
+    for p in pairs:
+        assert not (p[1].astype(bool) & ~brain_mask(p[0])).any()
+    np.testing.assert_array_equal(pairs, insert_pairs(donors, recipients, 6, seed=3, cfg=cfg))
+    assert not np.array_equal(pairs[:, 0], insert_pairs(donors, recipients, 6, seed=3, cfg=CFG)[:, 0])
