@@ -197,6 +197,12 @@ class EvaluationRequest(_Body):
         description="crossval: the longest inner-validation run; the budget is where its validation Dice "
         "stops improving, checked every tenth of it.",
     )
+    unet_optimizer: Literal["rmsprop", "adam"] = Field(
+        "rmsprop",
+        description="crossval: every U-Net's optimiser: rmsprop (the authors', lr 1e-4, momentum 0.999) or "
+        "adam (lr 1e-3; chosen on held-out training patients of the shared BraTS cases: "
+        "bench/results/inner_probe.md).",
+    )
     inner_patients: int = Field(
         2,
         ge=1,

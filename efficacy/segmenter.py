@@ -150,6 +150,10 @@ def build_unet(cfg: SegmenterConfig) -> nn.Module:
     )
 
 
+# each optimiser's learning rate when a request or a command names only the optimiser
+OPTIMIZER_LR: dict[str, float] = {"rmsprop": 1e-4, "adam": 1e-3}
+
+
 def make_optimizer(model: nn.Module, cfg: SegmenterConfig) -> torch.optim.Optimizer:
     """The U-Net's optimiser: ``cfg.optimizer`` with its learning rate and weight decay."""
     if cfg.optimizer == "adam":

@@ -172,7 +172,7 @@ def evaluate(payload: dict) -> None:
     def body(ctx: JobContext) -> None:
         pipeline = _engine()
         from efficacy import grid
-        from efficacy.segmenter import UNET_WIDTHS, segmenter_config
+        from efficacy.segmenter import OPTIMIZER_LR, UNET_WIDTHS, segmenter_config
 
         ing = pipeline.ingest(
             _cohort_dir(ctx, req.cohort_id),
@@ -193,7 +193,11 @@ def evaluate(payload: dict) -> None:
                 eval_every=max(1, req.max_steps // 10),
                 preset=req.preset,
                 generator_steps=req.steps,
-                segmenter=segmenter_config(channels=UNET_WIDTHS[req.unet]),
+                segmenter=segmenter_config(
+                    channels=UNET_WIDTHS[req.unet],
+                    optimizer=req.unet_optimizer,
+                    lr=OPTIMIZER_LR[req.unet_optimizer],
+                ),
             )
             report = crossval.run_crossval(
                 ing, cv, out_dir / "work", progress=ctx.progress, should_stop=ctx.should_stop

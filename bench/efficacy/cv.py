@@ -27,7 +27,7 @@ from machine import machine  # noqa: E402
 
 from brats import REPO, combined_cohort  # noqa: E402
 from efficacy.crossval import ARMS, CVConfig, run_crossval, write_crossval  # noqa: E402
-from efficacy.segmenter import UNET_WIDTHS, segmenter_config  # noqa: E402
+from efficacy.segmenter import OPTIMIZER_LR, UNET_WIDTHS, segmenter_config  # noqa: E402
 from imaging.cohort import CohortSpec  # noqa: E402
 from pipeline import pipeline  # noqa: E402
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         segmenter=segmenter_config(
             channels=UNET_WIDTHS[args.unet],
             optimizer=args.optimizer,
-            lr=args.lr or {"rmsprop": 1e-4, "adam": 1e-3}[args.optimizer],
+            lr=args.lr or OPTIMIZER_LR[args.optimizer],
         ),
     )
     t0 = time.perf_counter()

@@ -330,6 +330,7 @@ def test_evaluate_crossval_writes_the_recommendation(env, tmp_path):
             "arms": ["real", "insert"],
             "seeds": 1,
             "unet": "tiny",
+            "unet_optimizer": "adam",
         }
     )
     assert jobs.state(job_id) == JobState.succeeded, jobs.error(job_id)
@@ -338,4 +339,6 @@ def test_evaluate_crossval_writes_the_recommendation(env, tmp_path):
     assert report["design"] == "crossval" and report["recommendation"]["words"]
     assert {r["arm"] for r in report["rows"]} == {"real", "real_aug", "insert"}
     assert {r["n"] for r in report["rows"] if r["arm"] == "insert"} == {8}
+    segmenter = json.loads((out / "work" / "settings.json").read_text())["segmenter"]
+    assert segmenter["optimizer"] == "adam" and segmenter["lr"] == 1e-3
     assert len(report["folds"]) == 2 and (out / "report.md").is_file() and (out / "report.png").is_file()
