@@ -31,3 +31,10 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def describe(m: dict[str, Any]) -> str:
+    """One line for a report: CPU, cores, the speed-relevant flags, torch, threads and the GPU if any."""
+    flags = ", ".join(m["cpu_flags"]) or "none of avx2/avx512"
+    gpu = f", {m['cuda']}" if m["cuda"] else ""
+    return f"{m['cpu']} ({m['cores']} cores, flags {flags}), torch {m['torch']}, {m['threads']} threads{gpu}"

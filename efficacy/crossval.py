@@ -260,6 +260,11 @@ def inner_curve(
     return curve
 
 
+def inner_curve_path(work_dir: Path, val_id: str) -> Path:
+    """Where a fold's inner validation caches the curve of held-out patient ``val_id``."""
+    return work_dir / f"inner_{val_id}.json"
+
+
 def choose_budget(
     ing: IngestResult,
     fold: FoldData,
@@ -277,7 +282,7 @@ def choose_budget(
         return json.loads(path.read_text())
     curves: dict[str, list[tuple[int, float]]] = {}
     for val_id in inner_validation_patients(fold, cfg):
-        cached = work_dir / f"inner_{val_id}.json"
+        cached = inner_curve_path(work_dir, val_id)
         if cached.is_file():
             curves[val_id] = [tuple(p) for p in json.loads(cached.read_text())]
             continue
@@ -488,7 +493,7 @@ def run_crossval(
     total = len(grid) + sum(map(len, inner.values()))
     have = {f.index for f in folds if (work_dir / f"fold{f.index}" / "budget.json").is_file()}
     inner_done = sum(
-        len(p) if i in have else sum((work_dir / f"fold{i}" / f"inner_{v}.json").is_file() for v in p)
+        len(p) if i in have else sum(inner_curve_path(work_dir / f"fold{i}", v).is_file() for v in p)
         for i, p in inner.items()
     )
     settled = len(grid) - len(todo) + inner_done

@@ -162,7 +162,7 @@ def make_optimizer(model: nn.Module, cfg: SegmenterConfig) -> torch.optim.Optimi
         return torch.optim.RMSprop(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-    raise DHVAEError(f"unknown optimizer {cfg.optimizer!r}; choose rmsprop or adam")
+    raise DHVAEError(f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZER_LR)}")
 
 
 def steps_per_epoch(n_slices: int, batch_size: int, drop_last: bool = True) -> int:

@@ -48,14 +48,18 @@ ELASTIC_GRID = 4  # the elastic displacement: a 2 x 4 x 4 grid of z coordinates,
 N_ELASTIC = 2 * ELASTIC_GRID**2
 
 
+def one_hot(brain: Tensor, tumour: Tensor) -> Tensor:
+    """Bool ``(B, H, W)`` brain (tumour included) and tumour -> one-hot ``(B, 3, H, W)`` float
+    (background, brain, tumour): the three channels partition every slice."""
+    return torch.stack([~brain, brain & ~tumour, tumour], 1).float()
+
+
 def label_map(pairs: Tensor) -> Tensor:
-    """``(B, 2, H, W)`` [image, mask] -> one-hot ``(B, 3, H, W)`` (background, brain, tumour); the tumour
-    counts as brain's foreground, so the three channels partition every slice."""
+    """``(B, 2, H, W)`` [image, mask] -> :func:`one_hot` label map; the tumour counts as brain."""
     image = pairs[:, 0].detach().float().cpu().numpy()
     brain = torch.from_numpy(np.stack([brain_mask(i) for i in image])).to(pairs.device)
     tumour = pairs[:, 1] > 0.5
-    brain = brain | tumour
-    return torch.stack([~brain, brain & ~tumour, tumour], 1).float()
+    return one_hot(brain | tumour, tumour)
 
 
 class MasksFirst(nn.Module):
@@ -210,7 +214,7 @@ class MasksFirst(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """z ``(B, latent_dim)`` -> [rendered image, drawn mask] ``(B, 2, H, W)``."""
         brains, tumour = self.draw_masks(z)
-        labels = torch.stack([~brains, brains & ~tumour, tumour], 1).float().to(z.device)
+        labels = one_hot(brains, tumour).to(z.device)
         style = z[:, N_CONTROL + N_ELASTIC : N_CONTROL + N_ELASTIC + self.cfg.masks_first.z_dim]
         image = torch.sigmoid(self.renderer.decode(labels, style.to(z.device)))
         return torch.cat([image, tumour[:, None].float().to(z.device)], 1)

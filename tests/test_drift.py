@@ -4,10 +4,10 @@ fails here, as a stale openapi/openapi.json fails tests/service/test_openapi.py.
 
 from __future__ import annotations
 
-from typing import get_args
+from typing import get_args, get_type_hints
 
 from contract import schemas
-from efficacy.segmenter import PROTOCOLS, UNET_WIDTHS
+from efficacy.segmenter import OPTIMIZER_LR, PROTOCOLS, UNET_WIDTHS, SegmenterConfig
 from models.config import PRESETS
 from models.registry import DEFAULT, GENERATORS, REGISTRY, TRAINED
 
@@ -37,3 +37,10 @@ def test_presets_protocols_and_unet_widths():
     assert set(get_args(schemas.Preset)) == set(PRESETS)
     assert set(get_args(schemas.Protocol)) == set(PROTOCOLS)
     assert set(get_args(schemas.UnetWidths)) == set(UNET_WIDTHS)
+
+
+def test_unet_optimizers_are_the_segmenter_s():
+    wire = schemas.EvaluationRequest.model_fields["unet_optimizer"]
+    engine = get_type_hints(SegmenterConfig)["optimizer"]
+    assert set(get_args(wire.annotation)) == set(OPTIMIZER_LR) == set(get_args(engine))
+    assert wire.default == SegmenterConfig().optimizer

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared-data helpers
-from machine import machine  # noqa: E402
+from machine import describe, machine  # noqa: E402
 
 from brats import REPO, combined_cohort  # noqa: E402
 from efficacy.crossval import ARMS, CVConfig, run_crossval, write_crossval  # noqa: E402
@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--inner-patients", type=int, default=2, help="held-out training patients per fold")
     ap.add_argument(
         "--optimizer",
-        choices=["rmsprop", "adam"],
+        choices=sorted(OPTIMIZER_LR),
         default="rmsprop",
         help="every arm's U-Net optimiser (rmsprop: the authors'; choose with bench/efficacy/inner_probe.py)",
     )
-    ap.add_argument("--lr", type=float, help="its learning rate (default: rmsprop 1e-4, adam 1e-3)")
+    ap.add_argument("--lr", type=float, help=f"its learning rate (default: {OPTIMIZER_LR})")
     ap.add_argument("--generator-steps", type=int, default=2000)
     ap.add_argument(
         "--n", type=int, help="offline pairs of every arm that has them (default: each arm's, 500)"
@@ -86,11 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     report["machine"] = machine()
     report["command"] = " ".join([".venv/bin/python bench/efficacy/cv.py", *map(shlex.quote, sys.argv[1:])])
     report["wall_minutes_this_invocation"] = round((time.perf_counter() - t0) / 60, 1)
-    m = report["machine"]
     extra = (
-        f"\nCommand: `{report['command']}`. Machine: {m['cpu']} ({m['cores']} cores, flags "
-        f"{', '.join(m['cpu_flags']) or 'none of ' + 'avx2/avx512'}), torch {m['torch']}, "
-        f"{m['threads']} threads{', ' + m['cuda'] if m['cuda'] else ''}. U-Net widths `{args.unet}`, "
+        f"\nCommand: `{report['command']}`. Machine: {describe(report['machine'])}. U-Net widths `{args.unet}`, "
         f"optimiser {cfg.segmenter.optimizer} (lr {cfg.segmenter.lr:g}). "
         f"Plot: `{args.name}.png`. Raw rows: `{args.name}.json`.\n"
     )
