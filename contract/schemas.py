@@ -19,9 +19,9 @@ Preset = Literal["tiny", "small", "paper"]
 # "traditional" (nothing to train) is CLI-only for now.
 Generator = Literal["dhvae", "hvae", "vae", "lsgan", "spade"]
 # What an augmentation can use: every generator, the two that train nothing (no model is made) included.
-Untrained = Literal["traditional", "insert"]
-UNTRAINED: tuple[str, ...] = ("traditional", "insert")
-Method = Literal["dhvae", "hvae", "vae", "lsgan", "spade", "traditional", "insert"]
+Untrained = Literal["traditional", "insert", "insert_healthy"]
+UNTRAINED: tuple[str, ...] = ("traditional", "insert", "insert_healthy")
+Method = Literal["dhvae", "hvae", "vae", "lsgan", "spade", "traditional", "insert", "insert_healthy"]
 ID_PATTERN = r"^[a-z]{3}_[0-9a-f]{32}$"
 SEED_MAX = 2**32 - 1
 
@@ -133,7 +133,7 @@ class AugmentationRequest(_Body):
     )
 
 
-Baseline = Literal["traditional", "insert", "vae", "hvae", "lsgan", "spade"]
+Baseline = Literal["traditional", "insert", "insert_healthy", "vae", "hvae", "lsgan", "spade"]
 # The arms of a cross-validated evaluation: efficacy/crossval.py's ARMS (the drift test checks).
 Arm = Literal[
     "real",
@@ -142,6 +142,7 @@ Arm = Literal[
     "traditional",
     "insert",
     "insert_online",
+    "insert_healthy",
     "dhvae",
     "dhvae_pretrain",
     "insert_dhvae",

@@ -116,6 +116,7 @@ ARMS: dict[str, Arm] = {
         Arm("traditional", method="traditional", n=500),
         Arm("insert", method="insert", n=500),  # real tumours pasted offline (CarveMix / TumorCP-like)
         Arm("insert_online", online_insert=0.5),  # ... and in the loader (TumorCP)
+        Arm("insert_healthy", method="insert_healthy", n=500),  # ... into tumour-free slices only
         Arm("dhvae", method="dhvae", n=500),
         Arm("dhvae_pretrain", method="dhvae", n=500, pretrain_fraction=0.3),
         Arm("insert_dhvae", method="insert_dhvae", n=500),  # dHVAE tumours pasted into real slices
@@ -232,12 +233,30 @@ def inner_validation_patients(fold: FoldData, cfg: CVConfig) -> list[str]:
 
 
 def inner_curve(
-    ing: IngestResult, fold: FoldData, val_id: str, cfg: CVConfig, device: torch.device | str = "cpu"
+    ing: IngestResult,
+    fold: FoldData,
+    val_id: str,
+    cfg: CVConfig,
+    device: torch.device | str = "cpu",
+    *,
+    arm: Arm | None = None,
+    pairs_dir: Path | None = None,
 ) -> list[tuple[int, float]]:
-    """The strong baseline trained on ``fold``'s training patients but ``val_id``, and its slice Dice on
-    ``val_id`` every ``cfg.eval_every`` steps up to ``cfg.max_steps``: [(step, dice), ...]."""
+    """``arm`` (default: the strong baseline) trained on ``fold``'s training patients but ``val_id``, and
+    its slice Dice on ``val_id`` every ``cfg.eval_every`` steps up to ``cfg.max_steps``: [(step, dice), ...].
+
+    An arm with offline pairs draws them from those inner training patients only (cached under
+    ``pairs_dir``), so a recipe's settings can be chosen without a test patient (the arm probe of
+    ``bench/efficacy/inner_probe.py``). The agreement filter's arms are not probed this way.
+    """
+    arm = arm or ARMS[REFERENCE]
     train = fold.data.split.train
     inner = fold_data(ing, PatientSplit(tuple(p for p in train if p != val_id), (val_id,)), fold.index, cfg)
+    pairs = None
+    if arm.n:
+        if arm.filter_dice or pairs_dir is None:
+            raise DHVAEError(f"arm {arm.name}: an inner curve needs unfiltered pairs and a folder for them")
+        pairs = fold_pairs(arm.method, arm.n, inner, cfg, pairs_dir, device=device)
     curve: list[tuple[int, float]] = []
 
     def validate(step: int, model: torch.nn.Module) -> None:
@@ -247,22 +266,33 @@ def inner_curve(
             model.train()
             log.info("budget fold %d (%s held out): step %d val dice %.3f", fold.index, val_id, step, dice)
 
-    train_segmenter(
-        inner.real_pool,
-        seed=0,
-        cfg=cfg.segmenter,
-        protocol="step_matched",
-        steps=cfg.max_steps,
-        online=[OnlineAugment()],
-        on_step=validate,
-        device=device,
-    )
+    kw, _ = arm_training(arm, inner, pairs, budget=cfg.max_steps, cfg=cfg)
+    train_segmenter(inner.real_pool, seed=0, **kw, on_step=validate, device=device)
     return curve
 
 
-def inner_curve_path(work_dir: Path, val_id: str) -> Path:
-    """Where a fold's inner validation caches the curve of held-out patient ``val_id``."""
-    return work_dir / f"inner_{val_id}.json"
+def inner_curve_path(work_dir: Path, val_id: str, arm: str = REFERENCE) -> Path:
+    """Where a fold's inner validation caches ``arm``'s curve on held-out patient ``val_id``."""
+    return work_dir / (f"inner_{val_id}.json" if arm == REFERENCE else f"inner_{arm}_{val_id}.json")
+
+
+def cached_inner_curve(
+    ing: IngestResult,
+    fold: FoldData,
+    arm: Arm,
+    val_id: str,
+    cfg: CVConfig,
+    work_dir: Path,
+    device: torch.device | str = "cpu",
+) -> list[tuple[int, float]]:
+    """:func:`inner_curve`, cached in the fold's folder ``work_dir`` (the reference's curves are the
+    budget's; another arm's pairs are drawn into ``work_dir/inner_pairs_<val_id>``)."""
+    path = inner_curve_path(work_dir, val_id, arm.name)
+    if path.is_file():
+        return [tuple(p) for p in json.loads(path.read_text())]
+    curve = inner_curve(ing, fold, val_id, cfg, device, arm=arm, pairs_dir=work_dir / f"inner_pairs_{val_id}")
+    write_json_atomic(path, curve)
+    return curve
 
 
 def choose_budget(
@@ -282,14 +312,9 @@ def choose_budget(
         return json.loads(path.read_text())
     curves: dict[str, list[tuple[int, float]]] = {}
     for val_id in inner_validation_patients(fold, cfg):
-        cached = inner_curve_path(work_dir, val_id)
-        if cached.is_file():
-            curves[val_id] = [tuple(p) for p in json.loads(cached.read_text())]
-            continue
-        curve = inner_curve(ing, fold, val_id, cfg, device)
-        write_json_atomic(cached, curve)
-        curves[val_id] = curve
-        if on_inner_run:
+        cached = inner_curve_path(work_dir, val_id).is_file()
+        curves[val_id] = cached_inner_curve(ing, fold, ARMS[REFERENCE], val_id, cfg, work_dir, device)
+        if on_inner_run and not cached:
             on_inner_run()
     steps = [s for s, _ in next(iter(curves.values()))]
     mean = np.mean([[d for _, d in c] for c in curves.values()], axis=0)
@@ -414,17 +439,11 @@ def agreement_filter(
     return pairs[chosen], summary
 
 
-def run_arm(
-    arm: Arm,
-    fold: FoldData,
-    pairs: np.ndarray | None,
-    *,
-    seed: int,
-    budget: int,
-    cfg: CVConfig,
-    device: torch.device | str = "cpu",
-) -> dict[str, Any]:
-    """Train one U-Net of ``arm`` on the fold and test it on the fold's test patients."""
+def arm_training(
+    arm: Arm, fold: FoldData, pairs: np.ndarray | None, *, budget: int, cfg: CVConfig
+) -> tuple[dict[str, Any], int]:
+    """How a U-Net of ``arm`` trains on ``fold``: :func:`train_segmenter`'s keyword arguments (the
+    online transforms, the loader recipe, the protocol and the budget), and the run's step count."""
     online: list[OnlineTransform] = []
     if arm.online_insert > 0:
         online.append(OnlineInsert(fold.data.real_train, p=arm.online_insert))
@@ -438,17 +457,30 @@ def run_arm(
         synthetic_weight=arm.synthetic_weight,
         pretrain_steps=round(arm.pretrain_fraction * steps),
     )
-    model = train_segmenter(
-        fold.real_pool,
-        seed=seed,
-        cfg=cfg.segmenter,
-        protocol=protocol,
-        steps=budget,
-        synthetic=pairs,
-        recipe=recipe if arm.budget == "inner" else None,
-        online=online,
-        device=device,
-    )
+    kw = {
+        "cfg": cfg.segmenter,
+        "protocol": protocol,
+        "steps": budget,
+        "synthetic": pairs,
+        "recipe": recipe if arm.budget == "inner" else None,
+        "online": online,
+    }
+    return kw, steps
+
+
+def run_arm(
+    arm: Arm,
+    fold: FoldData,
+    pairs: np.ndarray | None,
+    *,
+    seed: int,
+    budget: int,
+    cfg: CVConfig,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Train one U-Net of ``arm`` on the fold and test it on the fold's test patients."""
+    kw, steps = arm_training(arm, fold, pairs, budget=budget, cfg=cfg)
+    model = train_segmenter(fold.real_pool, seed=seed, **kw, device=device)
     result = evaluate_segmenter(model, fold.data.test_cases, threshold=cfg.segmenter.threshold)
     return {
         "fold": fold.index,
@@ -462,6 +494,42 @@ def run_arm(
     }
 
 
+def restore_work_dir(
+    report: dict[str, Any], work_dir: Path, *, fallback_tags: dict[str, Any] | None = None
+) -> int:
+    """Seed ``work_dir`` from a committed report (``bench/results/efficacy_cv.json``), so that a new
+    machine resumes the grid instead of training its finished runs and budgets again.
+
+    The report's settings become the folder's (:func:`run_crossval` then refuses a config that differs);
+    each fold's budget and held-out curves are written where :func:`choose_budget` caches them, and
+    the report's rows are appended to ``rows.jsonl`` unless the folder holds them already (a row
+    without a key of ``fallback_tags`` gets it: rows that predate the machine tag). Returns the number
+    of rows added.
+    """
+    work_dir = Path(work_dir)
+    settings = {k: v for k, v in report["config"].items() if k not in ("arms", "seeds")}
+    claim_work_dir(work_dir, settings, "a cross-validation")
+    for f in report["folds"]:
+        budget = f.get("budget")
+        if not budget:
+            continue
+        fdir = work_dir / f"fold{f['fold']}"
+        fdir.mkdir(parents=True, exist_ok=True)
+        for p in budget["validation_patients"]:
+            if not (path := inner_curve_path(fdir, p)).is_file():
+                write_json_atomic(path, [[c["step"], c[p]] for c in budget["curve"]])
+        if not (fdir / "budget.json").is_file():
+            write_json_atomic(fdir / "budget.json", budget)
+    rows_path = work_dir / "rows.jsonl"
+    done = {(r["fold"], r["arm"], r["seed"]) for r in read_rows(rows_path)}
+    new = [
+        {**(fallback_tags or {}), **r} for r in report["rows"] if (r["fold"], r["arm"], r["seed"]) not in done
+    ]
+    with open(rows_path, "a") as sink:
+        sink.writelines(json.dumps(r) + "\n" for r in new)
+    return len(new)
+
+
 def run_crossval(
     ing: IngestResult,
     cfg: CVConfig,
@@ -471,11 +539,13 @@ def run_crossval(
     should_stop: StopFn | None = None,
     device: torch.device | str = "cpu",
     report_only: bool = False,
+    row_tags: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or finish) every (seed, fold, arm) and return :func:`summarise`'s report.
 
     Seed-major order: a run stopped part-way holds whole comparisons (every fold and arm) for the seeds
-    it finished. The work folder's settings must match (arms may be added).
+    it finished. The work folder's settings must match (arms may be added). ``row_tags`` are recorded
+    in every row this call trains (the machine it ran on: a grid resumed across sessions mixes CPUs).
     """
     work_dir = Path(work_dir)
     settings = json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("arms", "seeds")}))
@@ -539,6 +609,7 @@ def run_crossval(
             row = run_arm(arm, fold, pairs, seed=seed, budget=budgets[i]["steps"], cfg=cfg, device=device)
             if agreement:
                 row["agreement"] = agreement
+            row.update(row_tags or {})
             rows.append(row)
             sink.write(json.dumps(row) + "\n")
             sink.flush()

@@ -24,7 +24,10 @@ more tumour/context combinations than the cohort holds. One insertion (:func:`in
 
 Two sources of tumours, one function: the training patients' real tumour slices (``insert``, the
 copy-paste baseline) or a generator's pairs (the efficacy grid's ``insert_dhvae``: dHVAE tumours in
-real slices). Reproducible: pair ``i`` of :func:`insert_pairs` depends on (seed, i) and the inputs only.
+real slices). Two kinds of recipient (``recipients``): every brain slice (``insert``: two thirds of
+them carry a tumour already, so a pair's tumour area is about 1.7x a real slice's on the shared
+cases), or the tumour-free slices only (``insert_healthy``, after Tumor Fabrication: one tumour per
+pair, as in the cohort, on a background no real pair shows). Reproducible: pair ``i`` of :func:`insert_pairs` depends on (seed, i) and the inputs only.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class InsertConfig:
     min_area: int = 30  # px: a pasted tumour smaller than this is drawn again
     min_brain_fraction: float = 0.1  # a recipient slice holds at least this much brain
     tries: int = 20  # placements tried per (donor, recipient) before another pair is drawn
+    recipients: Literal["any", "tumour_free"] = "any"  # which brain slices receive a tumour
 
 
 def brain_mask(image: np.ndarray) -> np.ndarray:
@@ -62,16 +66,20 @@ def brain_mask(image: np.ndarray) -> np.ndarray:
 
 def recipient_slices(cases, cfg: InsertConfig | None = None) -> np.ndarray:
     """Every axial slice of ``cases`` (ResampledCase-like: ``image``/``mask`` ``(H, W, D)``) with at least
-    ``cfg.min_brain_fraction`` brain, tumour-free slices included, as ``(N, 2, H, W)`` float32."""
+    ``cfg.min_brain_fraction`` brain, as ``(N, 2, H, W)`` float32: tumour-free slices included, or
+    (``cfg.recipients == "tumour_free"``) only those."""
     cfg = cfg or InsertConfig()
     out = []
     for c in cases:
         for k in range(c.image.shape[-1]):
             img = c.image[:, :, k]
+            if cfg.recipients == "tumour_free" and c.mask[:, :, k].any():
+                continue
             if brain_mask(img).mean() >= cfg.min_brain_fraction:
                 out.append(np.stack([img, c.mask[:, :, k].astype(np.float32)]))
     if not out:
-        raise ValueError("no slice of the cases holds enough brain to receive a tumour")
+        which = "tumour-free slice" if cfg.recipients == "tumour_free" else "slice"
+        raise ValueError(f"no {which} of the cases holds enough brain to receive a tumour")
     return np.stack(out).astype(np.float32)
 
 
@@ -274,7 +282,12 @@ class OnlineInsert:
         return out
 
 
-def draw_insert(slices, n: int, seed: int) -> np.ndarray:
-    """The registry's draw: ``n`` pairs with the balanced tumour slices of a cohort (a SliceSet) as
-    donors and every brain slice of its cases as recipients."""
-    return insert_pairs(slices.slices, recipient_slices(slices.cases), n, seed=seed)
+def draw_insert(slices, n: int, seed: int, cfg: InsertConfig | None = None) -> np.ndarray:
+    """The registry's ``insert``: ``n`` pairs with the balanced tumour slices of a cohort (a SliceSet)
+    as donors and every brain slice of its cases as recipients."""
+    return insert_pairs(slices.slices, recipient_slices(slices.cases, cfg), n, seed=seed, cfg=cfg)
+
+
+def draw_insert_healthy(slices, n: int, seed: int) -> np.ndarray:
+    """The registry's ``insert_healthy``: as :func:`draw_insert`, into tumour-free slices only."""
+    return draw_insert(slices, n, seed, InsertConfig(recipients="tumour_free"))

@@ -6,6 +6,7 @@ name           what it is                                                      c
 =============  ==============================================================  =========================
 traditional    flips and rotations of the real slices; nothing is trained      (``models.traditional``)
 insert         real tumours pasted into other slices (our extension)           (``models.insert``)
+insert_healthy ... into tumour-free slices only (our extension)                (``models.insert``)
 vae            the paper's VAE baseline: no flow, analytic KL                  :class:`models.dhvae.DHVAE`
 hvae           the paper's HVAE baseline: the flow, no discriminative term     :class:`models.dhvae.DHVAE`
 lsgan          the paper's GAN baseline: decoder as generator, PatchGAN critic :class:`models.lsgan.LSGAN`
@@ -35,7 +36,7 @@ from imaging.errors import DHVAEError
 
 from .config import DHVAEConfig
 from .dhvae import DHVAE
-from .insert import draw_insert
+from .insert import draw_insert, draw_insert_healthy
 from .lsgan import LSGAN
 from .masks_first import MasksFirst
 from .traditional import draw_traditional
@@ -65,6 +66,12 @@ REGISTRY: dict[str, GeneratorEntry] = {
             "real tumours pasted into other slices of the training patients (TumorCP / CarveMix-like)",
             None,
             draw_insert,
+        ),
+        GeneratorEntry(
+            "insert_healthy",
+            "real tumours pasted into tumour-free slices of the training patients only (our extension)",
+            None,
+            draw_insert_healthy,
         ),
         GeneratorEntry("vae", "VAE baseline (no flow)", DHVAE),
         GeneratorEntry("hvae", "HVAE baseline (no discriminative regulariser)", DHVAE),

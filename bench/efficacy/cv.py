@@ -7,6 +7,7 @@ gains with a patient-level bootstrap interval.
     .venv/bin/python bench/efficacy/cv.py                                  # the default arms, 5 seeds
     .venv/bin/python bench/efficacy/cv.py --seeds 3 --arms real real_aug insert insert_online
     .venv/bin/python bench/efficacy/cv.py --report-only                    # report what is done
+    .venv/bin/python bench/efficacy/cv.py ... --resume-from bench/results/efficacy_cv.json  # new machine
 
 Results: bench/results/efficacy_cv.{json,md,png}. Resumable: the work folder (runs/efficacy_cv) keeps
 every finished run; the same command continues. Arms may be added; other settings need a new folder.
@@ -15,18 +16,20 @@ every finished run; the same command continues. Arms may be added; other setting
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared-data helpers
 from machine import describe, machine  # noqa: E402
 
 from brats import REPO, combined_cohort  # noqa: E402
-from efficacy.crossval import ARMS, CVConfig, run_crossval, write_crossval  # noqa: E402
+from efficacy.crossval import ARMS, CVConfig, restore_work_dir, run_crossval, write_crossval  # noqa: E402
 from efficacy.segmenter import OPTIMIZER_LR, UNET_WIDTHS, segmenter_config  # noqa: E402
 from imaging.cohort import CohortSpec  # noqa: E402
 from pipeline import pipeline  # noqa: E402
@@ -57,6 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, help="work folder (default: runs/<name>)")
     ap.add_argument("--out", type=Path, default=REPO / "bench/results")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument(
+        "--resume-from",
+        type=Path,
+        help="a committed report (e.g. bench/results/efficacy_cv.json): seed the work folder with its "
+        "budgets and finished runs (a new machine has no runs/)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = args.work or REPO / "runs" / args.name
@@ -77,17 +86,33 @@ def main(argv: list[str] | None = None) -> None:
             lr=args.lr or OPTIMIZER_LR[args.optimizer],
         ),
     )
+    if args.resume_from:
+        committed = json.loads(args.resume_from.read_text())
+        # rows that predate the tag ran on the machine the committed report names
+        added = restore_work_dir(
+            committed, work, fallback_tags={"cpu_flags": committed["machine"]["cpu_flags"]}
+        )
+        logging.info("%s: %d finished runs restored into %s", args.resume_from, added, work)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         cohort = combined_cohort(["train", "validation", "test"], Path(tmp))
         ing = pipeline.ingest(cohort, cache_dir=work / "cache", spec=CohortSpec(channel="flair"))
     device = pipeline.default_device()
-    report = run_crossval(ing, cfg, work, device=device, report_only=args.report_only)
-    report["machine"] = machine()
+    here = machine()
+    report = run_crossval(
+        ing, cfg, work, device=device, report_only=args.report_only, row_tags={"cpu_flags": here["cpu_flags"]}
+    )
+    report["machine"] = here
+    # the CPU kinds the rows ran on: fp32 kernels round differently on AVX2 and AVX-512 (a run's curve
+    # drifts by 1.2e-4 Dice at step 100: bench/efficacy/cross_cpu.py), so a resumed grid says which rows ran where
+    kinds = Counter(", ".join(r.get("cpu_flags") or ["unknown"]) for r in report["rows"])
+    report["rows_by_cpu"] = dict(kinds)
     report["command"] = " ".join([".venv/bin/python bench/efficacy/cv.py", *map(shlex.quote, sys.argv[1:])])
     report["wall_minutes_this_invocation"] = round((time.perf_counter() - t0) / 60, 1)
+    by_cpu = "; ".join(f"{k}: {v}" for k, v in kinds.items())
     extra = (
-        f"\nCommand: `{report['command']}`. Machine: {describe(report['machine'])}. U-Net widths `{args.unet}`, "
+        f"\nCommand: `{report['command']}`. Machine: {describe(report['machine'])}. "
+        f"Rows by CPU flags: {by_cpu}. U-Net widths `{args.unet}`, "
         f"optimiser {cfg.segmenter.optimizer} (lr {cfg.segmenter.lr:g}). "
         f"Plot: `{args.name}.png`. Raw rows: `{args.name}.json`.\n"
     )

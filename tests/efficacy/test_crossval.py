@@ -15,6 +15,7 @@ from efficacy.crossval import (
     fold_data,
     make_folds,
     paired_gain,
+    restore_work_dir,
     run_crossval,
     summarise,
     write_crossval,
@@ -142,7 +143,7 @@ def test_paired_gain_and_the_recommendation():
     assert flat["recommendation"]["words"].startswith("Nothing beats your real data")
 
 
-def test_crossval_end_to_end_resumes(cohort, tmp_path):
+def test_crossval_end_to_end_resumes(cohort, tmp_path, monkeypatch):
     cfg = CVConfig(
         arms=("real", REFERENCE, "insert", "insert_online", "real_fixed_epochs", "insert_filtered"),
         folds=2,
@@ -187,6 +188,20 @@ def test_crossval_end_to_end_resumes(cohort, tmp_path):
         run_crossval(
             cohort, CVConfig(arms=cfg.arms, folds=2, seeds=(0,), max_steps=6, segmenter=TINY_UNET), tmp_path
         )
+    # a new machine: the committed report seeds an empty folder, and nothing is trained again
+    committed = json.loads((tmp_path / "out" / "efficacy_cv.json").read_text())
+    assert restore_work_dir(committed, tmp_path / "new") == 12
+    assert restore_work_dir(committed, tmp_path / "new") == 0  # twice: no duplicate rows
+
+    def no_training(*a, **k):
+        raise AssertionError("a restored run was trained again")
+
+    monkeypatch.setattr("efficacy.crossval.train_segmenter", no_training)
+    restored = run_crossval(cohort, cfg, tmp_path / "new")
+    assert restored["runs_done"] == 12 and restored["gains"] == json.loads(json.dumps(again["gains"]))
+    assert [f["budget"] for f in restored["folds"]] == [f["budget"] for f in committed["folds"]]
+    with pytest.raises(DHVAEError, match="other settings"):
+        run_crossval(cohort, replace(cfg, max_steps=6), tmp_path / "new")
 
 
 def test_unknown_arm_is_refused():
@@ -260,3 +275,45 @@ def test_the_budget_averages_the_held_out_patients_curves(cohort, tmp_path):
     assert budget["curve"][0][held[0]] == 0.7
     alone = smooth3(curves[held[0]])
     assert np.flatnonzero(alone >= alone.max() - cfg.plateau_tol)[0] == 0  # the 100-step budget
+
+
+def test_an_arm_s_inner_curve_draws_its_pairs_from_the_inner_training_patients(cohort, tmp_path, monkeypatch):
+    """The arm probe (bench/efficacy/inner_probe.py --arms): an arm with offline pairs is trained on the
+    fold's training patients but the held-out one, its pairs drawn from those only; the curve is cached
+    beside the reference's (which it never overwrites), and the filter's arms are refused."""
+    from efficacy.crossval import cached_inner_curve, inner_curve_path
+    from efficacy.segmenter import PatientSplit
+    from models.insert import recipient_slices
+
+    ids = sorted(c.case_id for c in cohort.slices.cases)
+    cfg = CVConfig(max_steps=4, eval_every=2, segmenter=TINY_UNET, n_synthetic=6)
+    fold = fold_data(cohort, PatientSplit(tuple(ids[:3]), (ids[3],)), 0, cfg)
+    held = ids[0]
+    curve = cached_inner_curve(cohort, fold, cfg.arm("insert_healthy"), held, cfg, tmp_path)
+    assert [s for s, _ in curve] == [2, 4] and all(0 <= d <= 1 for _, d in curve)
+    assert inner_curve_path(tmp_path, held, "insert_healthy").is_file()
+    assert not inner_curve_path(tmp_path, held).exists()  # the reference's budget curve is its own
+    pairs = np.load(tmp_path / f"inner_pairs_{held}" / "insert_healthy" / "pairs.npy")
+    assert len(pairs) == 6
+
+    def background_of(cases):
+        return recipient_slices(cases)[:, 0]
+
+    by_id = {c.case_id: c for c in cohort.slices.cases}
+    inner_bg = background_of([by_id[i] for i in ids[1:3]])
+    for other in (held, ids[3]):  # neither the held-out patient nor the test patient
+        outside = background_of([by_id[other]])
+        for p in pairs:
+            far = ~np.asarray(torch.nn.functional.max_pool2d(torch.tensor(p[1])[None], 21, 1, 10)[0] > 0)
+            assert min(np.abs(p[0] - b)[far].max() for b in inner_bg) < 1e-3  # a recipient of the inner train
+            assert min(np.abs(p[0] - b)[far].max() for b in outside) > 1e-3
+
+    def no_training(*a, **k):
+        raise AssertionError("a cached inner curve was trained again")
+
+    monkeypatch.setattr("efficacy.crossval.train_segmenter", no_training)
+    assert cached_inner_curve(cohort, fold, cfg.arm("insert_healthy"), held, cfg, tmp_path) == [
+        tuple(p) for p in curve
+    ]
+    with pytest.raises(DHVAEError, match="unfiltered pairs"):
+        cached_inner_curve(cohort, fold, cfg.arm("insert_filtered"), held, cfg, tmp_path)

@@ -126,3 +126,41 @@ def test_poisson_insertion_is_binary_inside_the_brain_and_deterministic():
         assert not (p[1].astype(bool) & ~brain_mask(p[0])).any()
     np.testing.assert_array_equal(pairs, insert_pairs(donors, recipients, 6, seed=3, cfg=cfg))
     assert not np.array_equal(pairs[:, 0], insert_pairs(donors, recipients, 6, seed=3, cfg=CFG)[:, 0])
+
+
+def test_insert_healthy_pastes_one_tumour_into_tumour_free_slices_only():
+    """``insert_healthy`` (recipients = "tumour_free"): a recipient never carries a tumour of its own,
+    so every pair holds exactly the pasted one (one component, its area near the donor's); ``insert``
+    (any recipient) may add a second tumour to a tumour slice."""
+    tumour_slices = _slices(3, seed=5)
+    free = _slices(3, seed=6, tumour=False)
+
+    class Case:  # a volume of 3 tumour slices and 3 tumour-free ones, interleaved
+        image = np.moveaxis(np.stack([tumour_slices, free], 1).reshape(6, 2, 48, 48)[:, 0], 0, -1)
+        mask = np.moveaxis(np.stack([tumour_slices, free], 1).reshape(6, 2, 48, 48)[:, 1], 0, -1) > 0.5
+
+    healthy = recipient_slices([Case()], InsertConfig(recipients="tumour_free"))
+    assert len(healthy) == 3 and not healthy[:, 1].any()
+    assert len(recipient_slices([Case()])) == 6
+
+    class SliceSet:
+        slices = _slices(4)
+        cases = [Case()]
+
+    pairs = get_generator("insert_healthy").draw(SliceSet(), 8, 0)
+    assert pairs.shape == (8, 2, 48, 48) and set(np.unique(pairs[:, 1])) == {0.0, 1.0}
+    for p in pairs:
+        assert ndimage.label(p[1] > 0.5)[1] == 1  # the pasted tumour, and nothing of the recipient's
+        assert (p[1] > 0.5)[~brain_mask(p[0])].sum() == 0
+        # the recipient is one of the tumour-free slices (outside the pasted tumour's feathered edge)
+        away = ~ndimage.binary_dilation(p[1] > 0.5, iterations=10)
+        assert min(np.abs(p[0] - h[0])[away].max() for h in healthy) < 1e-3
+    np.testing.assert_array_equal(pairs, get_generator("insert_healthy").draw(SliceSet(), 8, 0))
+    anywhere = get_generator("insert").draw(SliceSet(), 8, 0)
+    assert max(ndimage.label(p[1] > 0.5)[1] for p in anywhere) == 2  # a tumour slice got a second one
+    with pytest.raises(ValueError, match="no tumour-free slice"):
+
+        class Full:
+            image, mask = Case.image[:, :, ::2], Case.mask[:, :, ::2]  # the tumour slices only
+
+        recipient_slices([Full()], InsertConfig(recipients="tumour_free"))
