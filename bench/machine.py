@@ -38,3 +38,36 @@ def describe(m: dict[str, Any]) -> str:
     flags = ", ".join(m["cpu_flags"]) or "none of avx2/avx512"
     gpu = f", {m['cuda']}" if m["cuda"] else ""
     return f"{m['cpu']} ({m['cores']} cores, flags {flags}), torch {m['torch']}, {m['threads']} threads{gpu}"
+
+
+def provenance(script: str, started: float, env: str = "") -> dict[str, Any]:
+    """What a report needs to be reproduced: the machine, the command line (``env`` before it, e.g.
+    ``"OMP_NUM_THREADS=2 "``) and the wall time in minutes since ``started`` (``time.perf_counter()``)."""
+    import shlex
+    import sys
+    import time
+
+    return {
+        "machine": machine(),
+        "command": " ".join([f"{env}.venv/bin/python {script}", *map(shlex.quote, sys.argv[1:])]),
+        "wall_minutes": round((time.perf_counter() - started) / 60, 1),
+    }
+
+
+def footer(report: dict[str, Any]) -> str:
+    """The Markdown line under a report made with :func:`provenance`'s fields."""
+    return (
+        f"Command: `{report['command']}` ({report['wall_minutes']} min). "
+        f"Machine: {describe(report['machine'])}."
+    )
+
+
+def write_report(out: Path, stem: str, report: dict[str, Any], lines: list[str]) -> None:
+    """``out/<stem>.json`` (the report) and ``out/<stem>.md`` (``lines``), the Markdown printed too."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    text = "\n".join(lines)
+    (out / f"{stem}.md").write_text(text)
+    print(text)

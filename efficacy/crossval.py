@@ -49,7 +49,7 @@ from imaging.files import atomic_file, write_json_atomic, write_npy_atomic
 from imaging.ingest import IngestResult
 from imaging.preprocess import ResampledCase
 from imaging.progress import ProgressFn, Reporter, StopFn
-from models.insert import OnlineInsert, insert_pairs, recipient_slices
+from models.insert import InsertConfig, OnlineInsert, insert_pairs, recipient_slices
 from models.registry import GENERATORS
 
 from .grid import EfficacyConfig, EfficacyData, claim_work_dir, read_rows, split_cohort, synthetic_pairs
@@ -172,6 +172,12 @@ class CVConfig:
         return replace(arm, n=self.n_synthetic) if arm.n and self.n_synthetic else arm
 
 
+def work_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a work folder is claimed with: a config (``CVConfig.to_dict()`` or a report's
+    ``config``) as JSON has it, less the arms and seeds (those may grow in a resumed folder)."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in ("arms", "seeds")}))
+
+
 def make_folds(case_ids: Sequence[str], folds: int, *, seed: int) -> list[PatientSplit]:
     """``folds`` patient-level splits whose test groups partition the patients (sizes differ by <= 1)."""
     patients = sorted(set(case_ids))
@@ -198,8 +204,8 @@ def tumour_free_slices(cases: Sequence[ResampledCase], k: int, *, seed: int) -> 
     """``k`` tumour-free axial slices with enough brain to receive a tumour (:func:`recipient_slices`:
     at least 10 %), drawn without replacement (seeded)."""
     try:
-        pool = [s for s in recipient_slices(cases) if not s[1].any()]
-    except ValueError:  # no slice with enough brain at all
+        pool = list(recipient_slices(cases, InsertConfig(recipients="tumour_free")))
+    except ValueError:  # no tumour-free slice with enough brain at all
         pool = []
     if not pool or k <= 0:
         return np.zeros((0, 2, *cases[0].image.shape[:2]), np.float32)
@@ -507,8 +513,7 @@ def restore_work_dir(
     of rows added.
     """
     work_dir = Path(work_dir)
-    settings = {k: v for k, v in report["config"].items() if k not in ("arms", "seeds")}
-    claim_work_dir(work_dir, settings, "a cross-validation")
+    claim_work_dir(work_dir, work_settings(report["config"]), "a cross-validation")
     for f in report["folds"]:
         budget = f.get("budget")
         if not budget:
@@ -548,8 +553,7 @@ def run_crossval(
     in every row this call trains (the machine it ran on: a grid resumed across sessions mixes CPUs).
     """
     work_dir = Path(work_dir)
-    settings = json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("arms", "seeds")}))
-    claim_work_dir(work_dir, settings, "a cross-validation")
+    claim_work_dir(work_dir, work_settings(cfg.to_dict()), "a cross-validation")
 
     splits = make_folds([c.case_id for c in ing.slices.cases], cfg.folds, seed=cfg.fold_seed)
     folds = [fold_data(ing, s, i, cfg) for i, s in enumerate(splits)]

@@ -25,9 +25,10 @@ more tumour/context combinations than the cohort holds. One insertion (:func:`in
 Two sources of tumours, one function: the training patients' real tumour slices (``insert``, the
 copy-paste baseline) or a generator's pairs (the efficacy grid's ``insert_dhvae``: dHVAE tumours in
 real slices). Two kinds of recipient (``recipients``): every brain slice (``insert``: two thirds of
-them carry a tumour already, so a pair's tumour area is about 1.7x a real slice's on the shared
+them carry a tumour already, so a pair's median tumour area is 1.6-2.0x a real slice's on the shared
 cases), or the tumour-free slices only (``insert_healthy``, after Tumor Fabrication: one tumour per
-pair, as in the cohort, on a background no real pair shows). Reproducible: pair ``i`` of :func:`insert_pairs` depends on (seed, i) and the inputs only.
+pair, as in the cohort, on a background no real pair shows). Reproducible: pair ``i`` of
+:func:`insert_pairs` depends on (seed, i) and the inputs only.
 """
 
 from __future__ import annotations

@@ -24,9 +24,7 @@ the probed folds and patients) is above 0. Results: bench/results/inner_probe_ar
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shlex
 import sys
 import tempfile
 import time
@@ -35,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared-data helpers
-from machine import describe, machine  # noqa: E402
+from machine import footer, provenance, write_report  # noqa: E402
 
 from brats import REPO, combined_cohort  # noqa: E402
 from efficacy.crossval import (  # noqa: E402
@@ -48,6 +46,7 @@ from efficacy.crossval import (  # noqa: E402
     inner_validation_patients,
     make_folds,
     smooth3,
+    work_settings,
 )
 from efficacy.grid import claim_work_dir  # noqa: E402
 from efficacy.segmenter import OPTIMIZER_LR, UNET_WIDTHS, segmenter_config  # noqa: E402
@@ -56,6 +55,8 @@ from pipeline import pipeline  # noqa: E402
 
 # name -> SegmenterConfig fields: each optimiser at its own learning rate (the authors' RMSprop 1e-4 with
 # momentum 0.999, Adam 1e-3)
+SCRIPT, ENV = "bench/efficacy/inner_probe.py", "OMP_NUM_THREADS=2 "  # the reports' command line
+
 VARIANTS: dict[str, dict[str, object]] = {
     name: {"optimizer": name, "lr": lr} for name, lr in OPTIMIZER_LR.items()
 }
@@ -112,17 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         "variants": summary,
         "chosen": chosen,
         "curves": results,
-        "machine": machine(),
-        "command": " ".join(
-            [
-                "OMP_NUM_THREADS=2 .venv/bin/python bench/efficacy/inner_probe.py",
-                *map(shlex.quote, sys.argv[1:]),
-            ]
-        ),
-        "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
+        **provenance(SCRIPT, t0, ENV),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "inner_probe.json").write_text(json.dumps(report, indent=1, default=str))
     lines = [
         "# The strong baseline's optimiser, chosen on the inner validation split",
         "",
@@ -145,12 +137,10 @@ def main(argv: list[str] | None = None) -> None:
         + ", ".join(f"{n} {100 * s['mean_best']:.1f}" for n, s in summary.items())
         + f". **Chosen: {chosen}.**",
         "",
-        f"Command: `{report['command']}` ({report['wall_minutes']} min). Machine: "
-        f"{describe(report['machine'])}. U-Net widths `{args.unet}`.",
+        f"{footer(report)} U-Net widths `{args.unet}`.",
         "",
     ]
-    (args.out / "inner_probe.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(args.out, "inner_probe", report, lines)
 
 
 def probe_arms(args: argparse.Namespace, ing, t0: float) -> None:
@@ -166,8 +156,7 @@ def probe_arms(args: argparse.Namespace, ing, t0: float) -> None:
     )
     # the cross-validation's own folder: its settings must be these (the budgets and the reference's
     # curves are its cached ones)
-    settings = json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("arms", "seeds")}))
-    claim_work_dir(args.work, settings, "a cross-validation")
+    claim_work_dir(args.work, work_settings(cfg.to_dict()), "a cross-validation")
     device = pipeline.default_device()
     splits = make_folds([c.case_id for c in ing.slices.cases], cfg.folds, seed=cfg.fold_seed)
     rows = []
@@ -208,17 +197,8 @@ def probe_arms(args: argparse.Namespace, ing, t0: float) -> None:
         "to_test_folds": winners,
         "rule": "an arm goes to the test folds when its mean inner gain at the budget is above 0",
         "arms": {n: cfg.arm(n).settings() for n in cfg.arms},
-        "machine": machine(),
-        "command": " ".join(
-            [
-                "OMP_NUM_THREADS=2 .venv/bin/python bench/efficacy/inner_probe.py",
-                *map(shlex.quote, sys.argv[1:]),
-            ]
-        ),
-        "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
+        **provenance(SCRIPT, t0, ENV),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "inner_probe_arms.json").write_text(json.dumps(report, indent=1))
     lines = [
         "# Which recipes go to the test folds: the inner validation split",
         "",
@@ -241,12 +221,10 @@ def probe_arms(args: argparse.Namespace, ing, t0: float) -> None:
         + ", ".join(f"{n} {100 * g:+.1f}" for n, g in gains.items())
         + f". Rule: {report['rule']}. **To the test folds: {', '.join(winners) or 'none'}.**",
         "",
-        f"Command: `{report['command']}` ({report['wall_minutes']} min). Machine: "
-        f"{describe(report['machine'])}. U-Net widths `{args.unet}`, optimiser {args.optimizer}.",
+        f"{footer(report)} U-Net widths `{args.unet}`, optimiser {args.optimizer}.",
         "",
     ]
-    (args.out / "inner_probe_arms.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(args.out, "inner_probe_arms", report, lines)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ Results: bench/results/insert_diagnostics.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import tempfile
 import time
@@ -26,7 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared-data helpers
-from machine import describe, machine  # noqa: E402
+from machine import footer, provenance, write_report  # noqa: E402
 
 from brats import REPO, combined_cohort  # noqa: E402
 from efficacy.crossval import CVConfig, fold_data, make_folds  # noqa: E402
@@ -87,16 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                 **{k: pair_stats(p) for k, p in kinds.items()},
             }
         )
-    report = {
-        "folds": folds,
-        "machine": machine(),
-        "command": " ".join(
-            [".venv/bin/python bench/efficacy/insert_diagnostics.py", *map(shlex.quote, sys.argv[1:])]
-        ),
-        "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "insert_diagnostics.json").write_text(json.dumps(report, indent=1))
+    report = {"folds": folds, **provenance("bench/efficacy/insert_diagnostics.py", t0)}
     lines = [
         "# Inserted pairs next to the real tumour slices (training patients of each fold only)",
         "",
@@ -115,11 +104,10 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "Contrast: the mean tumour intensity over the mean of the rest of the brain (FLAIR), per slice.",
         "",
-        f"Command: `{report['command']}` ({report['wall_minutes']} min). Machine: {describe(report['machine'])}.",
+        footer(report),
         "",
     ]
-    (args.out / "insert_diagnostics.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(args.out, "insert_diagnostics", report, lines)
 
 
 if __name__ == "__main__":
