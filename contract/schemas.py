@@ -142,6 +142,7 @@ Arm = Literal[
     "traditional",
     "insert",
     "insert_online",
+    "insert_online_unscaled",
     "insert_healthy",
     "dhvae",
     "dhvae_pretrain",

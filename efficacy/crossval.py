@@ -49,7 +49,7 @@ from imaging.files import atomic_file, write_json_atomic, write_npy_atomic
 from imaging.ingest import IngestResult
 from imaging.preprocess import ResampledCase
 from imaging.progress import ProgressFn, Reporter, StopFn
-from models.insert import InsertConfig, OnlineInsert, insert_pairs, recipient_slices
+from models.insert import INSERT_VERSION, InsertConfig, OnlineInsert, insert_pairs, recipient_slices
 from models.registry import GENERATORS
 
 from .grid import EfficacyConfig, EfficacyData, claim_work_dir, read_rows, split_cohort, synthetic_pairs
@@ -78,7 +78,8 @@ class Arm:
     ``method``: where the offline pairs come from: "none", a generator of :mod:`models.registry`
     ("insert" included), or "insert_dhvae" (dHVAE tumours pasted into real slices). ``online_insert``:
     the probability that a slice of a batch receives a real tumour of the training patients in the
-    loader (TumorCP's online copy-paste). ``pretrain_fraction``: the share of the budget spent on
+    loader (TumorCP's online copy-paste); ``insert_match``: its intensity match (``InsertConfig.match``).
+    ``pretrain_fraction``: the share of the budget spent on
     synthetic pairs alone before the mixed batches (synthetic pretraining, then real fine-tuning).
     """
 
@@ -87,6 +88,7 @@ class Arm:
     n: int = 0
     online_aug: bool = True
     online_insert: float = 0.0
+    insert_match: Literal["ring", "none"] = "ring"
     real_fraction: float | None = 0.75
     synthetic_weight: float = 1.0
     pretrain_fraction: float = 0.0
@@ -100,8 +102,22 @@ class Arm:
         if (self.method == "none") != (self.n == 0):
             raise DHVAEError(f"arm {self.name}: offline pairs need a method and N > 0 together")
 
+    @property
+    def inserts(self) -> bool:
+        """Whether its pairs or its loader paste tumours (:mod:`models.insert`)."""
+        return self.method.startswith("insert") or self.online_insert > 0
+
     def settings(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "name"}
+        """What a row records of its recipe (with the insertion's version, for the arms that insert)."""
+        out = {k: v for k, v in asdict(self).items() if k != "name"}
+        return {**out, "insert_version": INSERT_VERSION} if self.inserts else out
+
+    def ran(self, recorded: dict[str, Any]) -> bool:
+        """Whether ``recorded`` (a row, or a report's settings of this arm) is this recipe: a setting added
+        since must be at its default, and an insertion must be of this version (a missing one: version 1).
+        N is not compared: a run's N is its config's (``CVConfig.n_synthetic``, claimed by the work folder)."""
+        defaults = Arm(self.name).settings()
+        return all(recorded.get(k, defaults.get(k, 1)) == v for k, v in self.settings().items() if k != "n")
 
 
 PAIR_SOURCES = ("none", *GENERATORS, "insert_dhvae")
@@ -116,6 +132,8 @@ ARMS: dict[str, Arm] = {
         Arm("traditional", method="traditional", n=500),
         Arm("insert", method="insert", n=500),  # real tumours pasted offline (CarveMix / TumorCP-like)
         Arm("insert_online", online_insert=0.5),  # ... and in the loader (TumorCP)
+        # ... with the tumour's own intensities (the ring match dims and saturates pasted tumours)
+        Arm("insert_online_unscaled", online_insert=0.5, insert_match="none"),
         Arm("insert_healthy", method="insert_healthy", n=500),  # ... into tumour-free slices only
         Arm("dhvae", method="dhvae", n=500),
         Arm("dhvae_pretrain", method="dhvae", n=500, pretrain_fraction=0.3),
@@ -452,7 +470,8 @@ def arm_training(
     online transforms, the loader recipe, the protocol and the budget), and the run's step count."""
     online: list[OnlineTransform] = []
     if arm.online_insert > 0:
-        online.append(OnlineInsert(fold.data.real_train, p=arm.online_insert))
+        match = InsertConfig(match=arm.insert_match)
+        online.append(OnlineInsert(fold.data.real_train, p=arm.online_insert, cfg=match))
     if arm.online_aug:
         online.append(OnlineAugment())
     n_all = len(fold.real_pool) + (0 if pairs is None else len(pairs))
@@ -507,18 +526,24 @@ def restore_work_dir(
     machine resumes the grid instead of training its finished runs and budgets again.
 
     The report's settings become the folder's (:func:`run_crossval` then refuses a config that differs);
-    each fold's budget and held-out curves are written where :func:`choose_budget` caches them, and
-    the report's rows are appended to ``rows.jsonl`` unless the folder holds them already (a row
+    each fold's budget and held-out curves (those done so far, where its budget was not chosen yet) are
+    written where :func:`choose_budget` caches them, and
+    the report's rows are appended to ``rows.jsonl`` unless the folder holds them already or their arm's
+    recipe changed since (:meth:`Arm.ran`: an older insertion, say; a row
     without a key of ``fallback_tags`` gets it: rows that predate the machine tag). Returns the number
     of rows added.
     """
     work_dir = Path(work_dir)
     claim_work_dir(work_dir, work_settings(report["config"]), "a cross-validation")
     for f in report["folds"]:
+        fdir = work_dir / f"fold{f['fold']}"
+        for p, curve in f.get("inner_curves", {}).items():  # a fold whose budget was not chosen yet
+            if not (path := inner_curve_path(fdir, p)).is_file():
+                fdir.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(path, curve)
         budget = f.get("budget")
         if not budget:
             continue
-        fdir = work_dir / f"fold{f['fold']}"
         fdir.mkdir(parents=True, exist_ok=True)
         for p in budget["validation_patients"]:
             if not (path := inner_curve_path(fdir, p)).is_file():
@@ -527,12 +552,40 @@ def restore_work_dir(
             write_json_atomic(fdir / "budget.json", budget)
     rows_path = work_dir / "rows.jsonl"
     done = {(r["fold"], r["arm"], r["seed"]) for r in read_rows(rows_path)}
+    stale = sorted({r["arm"] for r in report["rows"] if r["arm"] in ARMS and not ARMS[r["arm"]].ran(r)})
+    if stale:
+        log.warning("not restored, their recipe changed since the report: %s", ", ".join(stale))
     new = [
-        {**(fallback_tags or {}), **r} for r in report["rows"] if (r["fold"], r["arm"], r["seed"]) not in done
+        {**(fallback_tags or {}), **r}
+        for r in report["rows"]
+        if (r["fold"], r["arm"], r["seed"]) not in done and r["arm"] not in stale
     ]
     with open(rows_path, "a") as sink:
         sink.writelines(json.dumps(r) + "\n" for r in new)
     return len(new)
+
+
+def restore_arm_curves(probe: dict[str, Any], work_dir: Path) -> list[str]:
+    """Seed a cross-validation folder with the arms' inner curves of a committed probe report
+    (``bench/results/inner_probe_arms.json``), so that a new machine probes only the arms it adds.
+
+    A curve is restored only where its arm's recipe is still the report's (:meth:`Arm.ran`) and the
+    folder has none. Returns the
+    ``arm@patient`` curves restored.
+    """
+    restored = []
+    for r in probe["rows"]:
+        if r["arm"] == REFERENCE or r["arm"] not in ARMS:
+            continue
+        if not ARMS[r["arm"]].ran(probe["arms"][r["arm"]]):
+            log.warning("%s: its recipe changed since the probe report; not restored", r["arm"])
+            continue
+        path = inner_curve_path(Path(work_dir) / f"fold{r['fold']}", r["held_out"], r["arm"])
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, r["curve"])
+            restored.append(f"{r['arm']}@{r['held_out']}")
+    return restored
 
 
 def run_crossval(
@@ -558,7 +611,8 @@ def run_crossval(
     splits = make_folds([c.case_id for c in ing.slices.cases], cfg.folds, seed=cfg.fold_seed)
     folds = [fold_data(ing, s, i, cfg) for i, s in enumerate(splits)]
     rows_path = work_dir / "rows.jsonl"
-    rows = read_rows(rows_path)
+    # a row of an older recipe (an insertion since mended, say) is neither reported nor counted as done
+    rows = [r for r in read_rows(rows_path) if r["arm"] not in ARMS or ARMS[r["arm"]].ran(r)]
     done = {(r["fold"], r["arm"], r["seed"]) for r in rows}
     grid = [(seed, f.index, a) for seed in cfg.seeds for f in folds for a in cfg.arms]
     todo = [] if report_only else [g for g in grid if (g[1], g[2], g[0]) not in done]
@@ -636,6 +690,13 @@ def run_crossval(
             "real_pool": len(f.real_pool),
             "tumour_slices": len(f.data.real_train),
             "budget": budgets.get(f.index),
+            # a fold still choosing its budget: the held-out curves done so far (a new machine resumes them)
+            "inner_curves": {
+                v: json.loads(path.read_text())
+                for v in inner[f.index]
+                if f.index not in budgets
+                and (path := inner_curve_path(work_dir / f"fold{f.index}", v)).is_file()
+            },
         }
         for f in folds
     ]

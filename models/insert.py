@@ -6,14 +6,17 @@ more tumour/context combinations than the cohort holds. One insertion (:func:`in
 
 1. **cut**: a square patch of ``patch`` px centred on the donor's tumour (centre of mass), image and mask;
    the donor's other tissue in the patch is kept only where the blend below lets it through;
-2. **deform**: one MONAI ``Rand2DElastic`` draw on the patch (rotation uniform in 360 deg, scale
+2. **deform**: one MONAI ``Rand2DElasticd`` draw on the patch, the same for its image and labels (rotation uniform in 360 deg, scale
    ``1 +- scale`` per axis, an elastic displacement), bilinear for the image, nearest for the mask;
 3. **place**: a centre drawn among the recipient's brain pixels (the filled foreground, image > 0)
    such that at least ``inside`` of the new tumour lies in the brain and it overlaps the recipient's own
    tumour (if any) by at most ``max_overlap``; the mask is then cut to the brain;
-4. **match**: the patch's intensities are scaled by the ratio of the recipient's to the donor's mean
-   tissue intensity in a ring around the tumour, so that the tumour keeps its contrast to its new
-   surroundings;
+4. **match**, ``match="ring"`` (default): the patch's intensities are scaled by the ratio of the
+   recipient's to the donor's mean tissue intensity in a ring around the tumour, so that the tumour
+   keeps its contrast to its new surroundings; ``match="none"``: the patch keeps its intensities (the
+   preprocessing has normalised every volume already). On the shared cases the ring match dims pasted
+   tumours and saturates them at 1: FLAIR's peritumoural tissue is bright, and a scale above 1 pushes a
+   bright tumour past the image range (``bench/results/insert_diagnostics.md``);
 5. **blend**, ``blend="feathered"`` (default): ``alpha`` is 1 on the tumour and falls off over
    ``feather`` px outside it (a Gaussian of the dilated mask), times the recipient's brain mask, so
    nothing lands on background: ``image = alpha * patch + (1 - alpha) * recipient``.
@@ -25,7 +28,7 @@ more tumour/context combinations than the cohort holds. One insertion (:func:`in
 Two sources of tumours, one function: the training patients' real tumour slices (``insert``, the
 copy-paste baseline) or a generator's pairs (the efficacy grid's ``insert_dhvae``: dHVAE tumours in
 real slices). Two kinds of recipient (``recipients``): every brain slice (``insert``: two thirds of
-them carry a tumour already, so a pair's median tumour area is 1.6-2.0x a real slice's on the shared
+them carry a tumour already, so a pair's median tumour area is 1.9-2.0x a real slice's on the shared
 cases), or the tumour-free slices only (``insert_healthy``, after Tumor Fabrication: one tumour per
 pair, as in the cohort, on a background no real pair shows). Reproducible: pair ``i`` of
 :func:`insert_pairs` depends on (seed, i) and the inputs only.
@@ -40,6 +43,11 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
+# Bumped whenever the same inputs and seed give other pairs, so that results of an older insertion are
+# not taken for this one's: 2 = one deformation draw for a tumour's image and mask (version 1 drew
+# them apart: its pasted masks were rotated away from their tumours).
+INSERT_VERSION = 2
+
 
 @dataclass(frozen=True)
 class InsertConfig:
@@ -53,7 +61,8 @@ class InsertConfig:
     max_overlap: float = 0.2  # of the pasted tumour with the recipient's own tumour
     blend: Literal["feathered", "poisson"] = "feathered"
     feather: float = 2.0  # px: the Gaussian sigma of the feathered blend's edge
-    ring: int = 4  # px: width of the tissue ring the intensity match compares
+    match: Literal["ring", "none"] = "ring"  # the intensity match (step 4)
+    ring: int = 4  # px: width of the tissue ring the match compares
     min_area: int = 30  # px: a pasted tumour smaller than this is drawn again
     min_brain_fraction: float = 0.1  # a recipient slice holds at least this much brain
     tries: int = 20  # placements tried per (donor, recipient) before another pair is drawn
@@ -106,10 +115,14 @@ class Inserter:
     """Pastes a donor's tumour into a recipient slice (:func:`insert_one` with a reusable transform)."""
 
     def __init__(self, cfg: InsertConfig | None = None) -> None:
-        from monai.transforms import Rand2DElastic
+        from monai.transforms import Rand2DElasticd
 
         self.cfg = cfg = cfg or InsertConfig()
-        self.deform = Rand2DElastic(
+        # the dictionary transform: one draw deforms the image and its labels alike (the array
+        # transform draws its rotation and displacement again at every call, randomize=False or not)
+        self.deform = Rand2DElasticd(
+            keys=("image", "labels"),
+            mode=("bilinear", "nearest"),
             spacing=(cfg.elastic_spacing, cfg.elastic_spacing),
             magnitude_range=(0.0, cfg.elastic_magnitude),
             prob=1.0,
@@ -131,13 +144,12 @@ class Inserter:
         dbrain_patch = _cut(brain_mask(donor[0])[None].astype(np.float32), centre, cfg.patch)[0] > 0.5  # type: ignore[arg-type]
 
         self.deform.set_random_state(state=np.random.RandomState(rng.integers(2**31)))
-        self.deform.randomize(patch.shape[1:])
-        image = np.asarray(self.deform(patch[0:1], mode="bilinear", randomize=False))[0]  # type: ignore[arg-type]
-        tumour = np.asarray(self.deform(patch[1:2], mode="nearest", randomize=False))[0] > 0.5  # type: ignore[arg-type]
-        tissue = np.asarray(
-            self.deform(dbrain_patch[None].astype(np.float32), mode="nearest", randomize=False)
-        )[0]
-        tumour &= (tissue > 0.5) & (image > 1e-3)  # the tumour carries the donor's tissue, not its background
+        moved = self.deform(
+            {"image": patch[0:1], "labels": np.stack([patch[1], dbrain_patch.astype(np.float32)])}
+        )
+        image = np.asarray(moved["image"])[0]
+        tumour, tissue = np.asarray(moved["labels"]) > 0.5
+        tumour &= tissue & (image > 1e-3)  # the tumour carries the donor's tissue, not its background
         if tumour.sum() < cfg.min_area:
             return None
 
@@ -146,7 +158,7 @@ class Inserter:
         candidates = np.argwhere(rbrain)
         if not len(candidates):
             return None
-        ring = ndimage.binary_dilation(tumour, iterations=cfg.ring) & ~tumour & (tissue > 0.5)
+        ring = ndimage.binary_dilation(tumour, iterations=cfg.ring) & ~tumour & tissue
         donor_tissue = float(image[ring].mean()) if ring.any() else float("nan")
         shape = recipient.shape[1:]
         for _ in range(cfg.tries):
@@ -160,7 +172,7 @@ class Inserter:
                 continue
             new &= rbrain
             around = (placed[2] > 0.5) & rbrain & ~rmask
-            if around.any() and np.isfinite(donor_tissue) and donor_tissue > 1e-3:
+            if cfg.match == "ring" and around.any() and np.isfinite(donor_tissue) and donor_tissue > 1e-3:
                 gain = float(np.clip(recipient[0][around].mean() / donor_tissue, 0.5, 2.0))
             else:
                 gain = 1.0

@@ -17,6 +17,10 @@ cross-validation's work folder (runs/efficacy_cv, the same settings: a resumed g
     OMP_NUM_THREADS=2 .venv/bin/python bench/efficacy/inner_probe.py --arms insert insert_healthy \
         --optimizer adam --inner-patients 2 --probe-patients 1
 
+On a new machine, restore the folder's budgets first (``cv.py --resume-from
+bench/results/efficacy_cv.json --report-only``), then ``--resume-from bench/results/inner_probe_arms.json``
+reuses the committed arms' curves whose recipe still holds (an older insertion's are probed again).
+
 Rule, fixed before a run: an arm goes to the test folds when its mean inner gain at the budget (over
 the probed folds and patients) is above 0. Results: bench/results/inner_probe_arms.{json,md}.
 """
@@ -24,6 +28,7 @@ the probed folds and patients) is above 0. Results: bench/results/inner_probe_ar
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -45,6 +50,7 @@ from efficacy.crossval import (  # noqa: E402
     fold_data,
     inner_validation_patients,
     make_folds,
+    restore_arm_curves,
     smooth3,
     work_settings,
 )
@@ -75,6 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--work", type=Path, help="default: runs/inner_probe (--arms: runs/efficacy_cv)")
     ap.add_argument("--out", type=Path, default=REPO / "bench/results")
+    ap.add_argument(
+        "--resume-from",
+        type=Path,
+        help="--arms: a committed probe report (bench/results/inner_probe_arms.json) whose arms' curves "
+        "seed the work folder (restore the folder's budgets first: cv.py --resume-from ... --report-only)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.work = args.work or REPO / "runs" / ("efficacy_cv" if args.arms else "inner_probe")
@@ -157,6 +169,9 @@ def probe_arms(args: argparse.Namespace, ing, t0: float) -> None:
     # the cross-validation's own folder: its settings must be these (the budgets and the reference's
     # curves are its cached ones)
     claim_work_dir(args.work, work_settings(cfg.to_dict()), "a cross-validation")
+    if args.resume_from:
+        restored = restore_arm_curves(json.loads(args.resume_from.read_text()), args.work)
+        logging.info("%s: restored %s", args.resume_from, ", ".join(restored) or "nothing")
     device = pipeline.default_device()
     splits = make_folds([c.case_id for c in ing.slices.cases], cfg.folds, seed=cfg.fold_seed)
     rows = []

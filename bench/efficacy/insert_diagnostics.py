@@ -3,9 +3,11 @@
 For each cross-validation fold, on its *training* patients only (the test patients are not read): the
 real tumour slices, ``insert`` pairs (every brain slice a recipient) and ``insert_healthy`` pairs
 (tumour-free recipients only), drawn exactly as the grid draws them (the registry's draw, the grid's
-sample seed). Per kind of pair: the tumour area per slice, the tumour components per slice, and the
-contrast (mean tumour intensity over the mean of the rest of the brain); and the share of the recipients
-that carry a tumour of their own. Numpy only, about a minute.
+sample seed), and both again without the intensity match (``InsertConfig.match="none"``, the
+``insert_online_unscaled`` arm's). Per kind of pair: the tumour area per slice, the tumour components per slice, and the
+contrast (mean tumour intensity over the mean of the rest of the brain), the share of tumour pixels
+saturated at the image's top (>= 0.999); and the share of the recipients
+that carry a tumour of their own. Numpy only, a few minutes.
 
     .venv/bin/python bench/efficacy/insert_diagnostics.py
 
@@ -29,23 +31,30 @@ from machine import footer, provenance, write_report  # noqa: E402
 from brats import REPO, combined_cohort  # noqa: E402
 from efficacy.crossval import CVConfig, fold_data, make_folds  # noqa: E402
 from imaging.cohort import CohortSpec  # noqa: E402
-from models.insert import brain_mask, recipient_slices  # noqa: E402
-from models.registry import get_generator  # noqa: E402
+from models.insert import InsertConfig, brain_mask, draw_insert, recipient_slices  # noqa: E402
 from pipeline import pipeline  # noqa: E402
 
-KINDS = ("real", "insert", "insert_healthy")
+# the inserted kinds: the registry's insert and insert_healthy (draw_insert with these configs), each
+# with and without the ring intensity match
+KINDS: dict[str, InsertConfig] = {
+    "insert": InsertConfig(),
+    "insert_healthy": InsertConfig(recipients="tumour_free"),
+    "insert_unscaled": InsertConfig(match="none"),
+    "insert_healthy_unscaled": InsertConfig(recipients="tumour_free", match="none"),
+}
 
 
 def pair_stats(pairs: np.ndarray) -> dict[str, float]:
-    """Median tumour area (px), mean tumour components and mean tumour/brain contrast of ``pairs``."""
+    """Median tumour area (px), mean components, tumour/brain contrast and saturated share of ``pairs``."""
     masks = pairs[:, 1] > 0.5
-    areas, parts, contrast = [], [], []
+    areas, parts, contrast, saturated = [], [], [], []
     for image, mask in zip(pairs[:, 0], masks, strict=True):
         if not mask.any():
             continue
         rest = brain_mask(image) & ~mask
         areas.append(mask.sum())
         parts.append(ndimage.label(mask)[1])
+        saturated.append((image[mask] >= 0.999).mean())
         if rest.any():
             contrast.append(image[mask].mean() / max(image[rest].mean(), 1e-6))
     return {
@@ -53,6 +62,7 @@ def pair_stats(pairs: np.ndarray) -> dict[str, float]:
         "median_area_px": float(np.median(areas)),
         "mean_components": float(np.mean(parts)),
         "mean_contrast": float(np.mean(contrast)),
+        "saturated_share": float(np.mean(saturated)),
     }
 
 
@@ -74,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         slices = fold.data.generator_slices.slices
         recipients = recipient_slices(fold.train_cases)
         kinds = {"real": fold.data.real_train}
-        for name in KINDS[1:]:
-            kinds[name] = get_generator(name).draw(slices, args.n, cfg.sample_seed)
+        for name, icfg in KINDS.items():
+            kinds[name] = draw_insert(slices, args.n, cfg.sample_seed, icfg)
         folds.append(
             {
                 "fold": i,
@@ -89,20 +99,21 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# Inserted pairs next to the real tumour slices (training patients of each fold only)",
         "",
-        "| fold | recipients with a tumour | kind | pairs | median tumour area (px) | components | contrast |",
-        "|---|---|---|---|---|---|---|",
+        "| fold | recipients with a tumour | kind | pairs | median tumour area (px) | components | contrast | saturated |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for f in folds:
         share = f"{f['recipients_with_tumour']} / {f['recipients']}"
-        for k in KINDS:
+        for k in ("real", *KINDS):
             s = f[k]
             lines.append(
                 f"| {f['fold']} | {share if k == 'insert' else ''} | {k} | {s['pairs']} | "
-                f"{s['median_area_px']:.0f} | {s['mean_components']:.2f} | {s['mean_contrast']:.2f} |"
+                f"{s['median_area_px']:.0f} | {s['mean_components']:.2f} | {s['mean_contrast']:.2f} | {100 * s['saturated_share']:.1f} % |"
             )
     lines += [
         "",
         "Contrast: the mean tumour intensity over the mean of the rest of the brain (FLAIR), per slice.",
+        "Saturated: the share of tumour pixels at the image's top (>= 0.999), per slice.",
         "",
         footer(report),
         "",

@@ -13,8 +13,10 @@ from efficacy.crossval import (
     REFERENCE,
     CVConfig,
     fold_data,
+    inner_curve_path,
     make_folds,
     paired_gain,
+    restore_arm_curves,
     restore_work_dir,
     run_crossval,
     summarise,
@@ -202,6 +204,29 @@ def test_crossval_end_to_end_resumes(cohort, tmp_path, monkeypatch):
     assert [f["budget"] for f in restored["folds"]] == [f["budget"] for f in committed["folds"]]
     with pytest.raises(DHVAEError, match="other settings"):
         run_crossval(cohort, replace(cfg, max_steps=6), tmp_path / "new")
+    # a fold stopped while choosing its budget: the held-out curves it has travel in the report
+    assert all(f["inner_curves"] == {} for f in report["folds"])  # every budget chosen
+    held = report["folds"][0]["budget"]["validation_patients"][0]
+    (tmp_path / "half" / "fold0").mkdir(parents=True)
+    inner_curve_path(tmp_path / "half" / "fold0", held).write_text("[[2, 0.1], [4, 0.2]]")
+    half = run_crossval(cohort, cfg, tmp_path / "half", report_only=True)
+    assert half["folds"][0]["budget"] is None and half["folds"][0]["inner_curves"] == {
+        held: [[2, 0.1], [4, 0.2]]
+    }
+    assert restore_work_dir(json.loads(json.dumps(half)), tmp_path / "half2") == 0
+    assert json.loads(inner_curve_path(tmp_path / "half2" / "fold0", held).read_text()) == [
+        [2, 0.1],
+        [4, 0.2],
+    ]
+    # rows of an older insertion (no version recorded: 1) are neither restored nor reported
+    inserting = {a for a in cfg.arms if ARMS[a].inserts}
+    assert inserting == {"insert", "insert_online", "insert_filtered"}
+    stale = [{k: v for k, v in r.items() if k != "insert_version"} for r in committed["rows"]]
+    assert restore_work_dir({**committed, "rows": stale}, tmp_path / "old") == 12 - 2 * len(inserting)
+    with open(tmp_path / "old" / "rows.jsonl", "a") as sink:
+        sink.writelines(json.dumps(r) + "\n" for r in stale if r["arm"] in inserting)
+    partial = run_crossval(cohort, cfg, tmp_path / "old", report_only=True)
+    assert partial["runs_done"] == 6 and not {r["arm"] for r in partial["rows"]} & inserting
 
 
 def test_unknown_arm_is_refused():
@@ -281,7 +306,7 @@ def test_an_arm_s_inner_curve_draws_its_pairs_from_the_inner_training_patients(c
     """The arm probe (bench/efficacy/inner_probe.py --arms): an arm with offline pairs is trained on the
     fold's training patients but the held-out one, its pairs drawn from those only; the curve is cached
     beside the reference's (which it never overwrites), and the filter's arms are refused."""
-    from efficacy.crossval import cached_inner_curve, inner_curve_path
+    from efficacy.crossval import cached_inner_curve
     from efficacy.segmenter import PatientSplit
     from models.insert import recipient_slices
 
@@ -317,3 +342,24 @@ def test_an_arm_s_inner_curve_draws_its_pairs_from_the_inner_training_patients(c
     ]
     with pytest.raises(DHVAEError, match="unfiltered pairs"):
         cached_inner_curve(cohort, fold, cfg.arm("insert_filtered"), held, cfg, tmp_path)
+
+
+def test_a_probe_report_restores_the_arms_curves_whose_settings_still_hold(tmp_path):
+    """A new machine probes only the arms it adds: the committed report's curves are written where
+    cached_inner_curve reads them, unless the arm's settings changed since (or it is the reference's)."""
+    curve = [[100, 0.5], [200, 0.6]]
+    rows = [
+        {"fold": 0, "held_out": "p1", "arm": a, "curve": curve}
+        for a in (REFERENCE, "insert", "insert_online")
+    ]
+    settings = {a: ARMS[a].settings() for a in (REFERENCE, "insert", "insert_online")}
+    del settings["insert"]["insert_match"]  # a setting added after the report, at its default: still valid
+    settings["insert_online"]["online_insert"] = 0.9  # not the recipe the arm has now
+    restored = restore_arm_curves({"rows": rows, "arms": settings}, tmp_path)
+    assert restored == ["insert@p1"]
+    assert json.loads(inner_curve_path(tmp_path / "fold0", "p1", "insert").read_text()) == curve
+    assert not inner_curve_path(tmp_path / "fold0", "p1", "insert_online").exists()
+    assert not inner_curve_path(
+        tmp_path / "fold0", "p1", REFERENCE
+    ).exists()  # the budget's: cv.py restores it
+    assert restore_arm_curves({"rows": rows, "arms": settings}, tmp_path) == []  # nothing written twice

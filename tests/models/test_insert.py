@@ -164,3 +164,47 @@ def test_insert_healthy_pastes_one_tumour_into_tumour_free_slices_only():
             image, mask = Case.image[:, :, ::2], Case.mask[:, :, ::2]  # the tumour slices only
 
         recipient_slices([Full()], InsertConfig(recipients="tumour_free"))
+
+
+def test_the_ring_match_dims_a_haloed_tumour_and_match_none_keeps_its_intensities():
+    """A donor tumour inside a bright halo (FLAIR's peritumoural tissue), pasted into a uniform brain:
+    the ring match scales it by the halo (0.3 / 0.6), ``match="none"`` keeps the donor's values."""
+    size, yy, xx = 48, *np.mgrid[:48, :48]
+    brain = (yy - 24) ** 2 + (xx - 24) ** 2 < 20**2
+    r2 = (yy - 24) ** 2 + (xx - 24) ** 2
+    donor = np.zeros((1, 2, size, size), np.float32)
+    donor[0, 0] = brain * 0.3
+    donor[0, 0][r2 < 10**2] = 0.6  # the halo
+    donor[0, 0][r2 < 5**2] = 0.9
+    donor[0, 1] = r2 < 5**2
+    recipient = np.zeros((1, 2, size, size), np.float32)
+    recipient[0, 0] = brain * 0.3
+
+    def core_intensity(match: str) -> float:
+        cfg = InsertConfig(patch=32, min_area=10, scale=0.0, elastic_magnitude=0.0, match=match)  # type: ignore[arg-type]
+        pairs = insert_pairs(donor, recipient, 6, seed=0, cfg=cfg)
+        return float(np.mean([p[0][ndimage.binary_erosion(p[1] > 0.5, iterations=1)].mean() for p in pairs]))
+
+    assert abs(core_intensity("ring") - 0.45) < 0.05  # 0.9 scaled by the halo: 0.5
+    assert abs(core_intensity("none") - 0.9) < 0.03
+    assert InsertConfig().match == "ring"  # the committed runs' recipe stays the default
+
+
+def test_the_pasted_mask_covers_the_pasted_tumour_under_rotation():
+    """An elongated tumour, rotated and deformed: its mask must move with its image (one draw for both;
+    MONAI's array Rand2DElastic draws again at every call, which once rotated them apart)."""
+    size, yy, xx = 64, *np.mgrid[:64, :64]
+    brain = (yy - 32) ** 2 + (xx - 32) ** 2 < 28**2
+    donor = np.zeros((1, 2, size, size), np.float32)
+    donor[0, 0] = brain * 0.3
+    bar = (abs(yy - 32) < 3) & (abs(xx - 32) < 14)
+    donor[0, 0][bar], donor[0, 1] = 0.9, bar
+    recipient = np.zeros((1, 2, size, size), np.float32)
+    recipient[0, 0] = brain * 0.3
+    cfg = InsertConfig(patch=48, min_area=10)
+    for p in insert_pairs(donor, recipient, 12, seed=0, cfg=cfg):
+        mask, bright = p[1] > 0.5, p[0] > 0.6
+        assert (mask & bright).sum() >= 0.85 * mask.sum()  # the mask is on the tumour ...
+        assert (
+            bright & ~ndimage.binary_dilation(mask, iterations=2)
+        ).sum() <= 0.05 * bright.sum()  # ... all of it

@@ -65,7 +65,7 @@ def test_a_killed_worker_and_redis_are_restarted_and_the_job_finishes(tmp_path, 
         _until("the stack answering", lambda: http.get("/health/ready").status_code == 200, stack)
         r = http.post("/v1/cohorts", content=phantom_zip, headers={**A, "Content-Type": "application/zip"})
         assert r.status_code == 201, r.text
-        body = {"cohort_id": r.json()["id"], "n_pairs": 5, "preset": "tiny", "steps": 60, "seed": 3}
+        body = {"cohort_id": r.json()["id"], "n_pairs": 5, "preset": "tiny", "steps": 30, "seed": 3}
         job_id = http.post("/v1/augmentations", json=body, headers=A).json()["job_id"]
 
         def training() -> bool:
