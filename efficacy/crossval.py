@@ -112,12 +112,12 @@ class Arm:
         out = {k: v for k, v in asdict(self).items() if k != "name"}
         return {**out, "insert_version": INSERT_VERSION} if self.inserts else out
 
-    def ran(self, recorded: dict[str, Any]) -> bool:
-        """Whether ``recorded`` (a row, or a report's settings of this arm) is this recipe: a setting added
-        since must be at its default, and an insertion must be of this version (a missing one: version 1).
+    def matches(self, recorded: dict[str, Any]) -> bool:
+        """Whether ``recorded`` (a row, or a report's settings of this arm) ran this recipe: a setting added
+        since must be at its default, and an insertion must be of this version (none recorded: version 1).
         N is not compared: a run's N is its config's (``CVConfig.n_synthetic``, claimed by the work folder)."""
-        defaults = Arm(self.name).settings()
-        return all(recorded.get(k, defaults.get(k, 1)) == v for k, v in self.settings().items() if k != "n")
+        before = {**Arm(self.name).settings(), "insert_version": 1}  # what a record without the key ran
+        return all(recorded.get(k, before[k]) == v for k, v in self.settings().items() if k != "n")
 
 
 PAIR_SOURCES = ("none", *GENERATORS, "insert_dhvae")
@@ -527,11 +527,10 @@ def restore_work_dir(
 
     The report's settings become the folder's (:func:`run_crossval` then refuses a config that differs);
     each fold's budget and held-out curves (those done so far, where its budget was not chosen yet) are
-    written where :func:`choose_budget` caches them, and
-    the report's rows are appended to ``rows.jsonl`` unless the folder holds them already or their arm's
-    recipe changed since (:meth:`Arm.ran`: an older insertion, say; a row
-    without a key of ``fallback_tags`` gets it: rows that predate the machine tag). Returns the number
-    of rows added.
+    written where :func:`choose_budget` caches them, and the report's rows are appended to
+    ``rows.jsonl`` unless the folder holds them already or their arm's recipe changed since
+    (:meth:`Arm.matches`: an older insertion, say). A row without a key of ``fallback_tags`` gets it
+    (rows that predate the machine tag). Returns the number of rows added.
     """
     work_dir = Path(work_dir)
     claim_work_dir(work_dir, work_settings(report["config"]), "a cross-validation")
@@ -552,14 +551,14 @@ def restore_work_dir(
             write_json_atomic(fdir / "budget.json", budget)
     rows_path = work_dir / "rows.jsonl"
     done = {(r["fold"], r["arm"], r["seed"]) for r in read_rows(rows_path)}
-    stale = sorted({r["arm"] for r in report["rows"] if r["arm"] in ARMS and not ARMS[r["arm"]].ran(r)})
+    current: list[dict[str, Any]] = []
+    stale: list[dict[str, Any]] = []
+    for r in report["rows"]:
+        (current if r["arm"] not in ARMS or ARMS[r["arm"]].matches(r) else stale).append(r)
     if stale:
-        log.warning("not restored, their recipe changed since the report: %s", ", ".join(stale))
-    new = [
-        {**(fallback_tags or {}), **r}
-        for r in report["rows"]
-        if (r["fold"], r["arm"], r["seed"]) not in done and r["arm"] not in stale
-    ]
+        arms = ", ".join(sorted({r["arm"] for r in stale}))
+        log.warning("%d rows not restored, their recipe changed since the report: %s", len(stale), arms)
+    new = [{**(fallback_tags or {}), **r} for r in current if (r["fold"], r["arm"], r["seed"]) not in done]
     with open(rows_path, "a") as sink:
         sink.writelines(json.dumps(r) + "\n" for r in new)
     return len(new)
@@ -569,15 +568,14 @@ def restore_arm_curves(probe: dict[str, Any], work_dir: Path) -> list[str]:
     """Seed a cross-validation folder with the arms' inner curves of a committed probe report
     (``bench/results/inner_probe_arms.json``), so that a new machine probes only the arms it adds.
 
-    A curve is restored only where its arm's recipe is still the report's (:meth:`Arm.ran`) and the
-    folder has none. Returns the
-    ``arm@patient`` curves restored.
+    A curve is restored only where its arm's recipe is still the report's (:meth:`Arm.matches`) and the
+    folder has none. Returns the ``arm@patient`` curves restored.
     """
     restored = []
     for r in probe["rows"]:
         if r["arm"] == REFERENCE or r["arm"] not in ARMS:
             continue
-        if not ARMS[r["arm"]].ran(probe["arms"][r["arm"]]):
+        if not ARMS[r["arm"]].matches(probe["arms"][r["arm"]]):
             log.warning("%s: its recipe changed since the probe report; not restored", r["arm"])
             continue
         path = inner_curve_path(Path(work_dir) / f"fold{r['fold']}", r["held_out"], r["arm"])
@@ -612,7 +610,7 @@ def run_crossval(
     folds = [fold_data(ing, s, i, cfg) for i, s in enumerate(splits)]
     rows_path = work_dir / "rows.jsonl"
     # a row of an older recipe (an insertion since mended, say) is neither reported nor counted as done
-    rows = [r for r in read_rows(rows_path) if r["arm"] not in ARMS or ARMS[r["arm"]].ran(r)]
+    rows = [r for r in read_rows(rows_path) if r["arm"] not in ARMS or ARMS[r["arm"]].matches(r)]
     done = {(r["fold"], r["arm"], r["seed"]) for r in rows}
     grid = [(seed, f.index, a) for seed in cfg.seeds for f in folds for a in cfg.arms]
     todo = [] if report_only else [g for g in grid if (g[1], g[2], g[0]) not in done]
