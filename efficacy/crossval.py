@@ -537,24 +537,17 @@ def restore_work_dir(
     for f in report["folds"]:
         fdir = work_dir / f"fold{f['fold']}"
         for p, curve in f.get("inner_curves", {}).items():  # a fold whose budget was not chosen yet
-            if not (path := inner_curve_path(fdir, p)).is_file():
-                fdir.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(path, curve)
-        budget = f.get("budget")
-        if not budget:
-            continue
-        fdir.mkdir(parents=True, exist_ok=True)
-        for p in budget["validation_patients"]:
-            if not (path := inner_curve_path(fdir, p)).is_file():
-                write_json_atomic(path, [[c["step"], c[p]] for c in budget["curve"]])
-        if not (fdir / "budget.json").is_file():
-            write_json_atomic(fdir / "budget.json", budget)
+            _write_if_absent(inner_curve_path(fdir, p), curve)
+        if budget := f.get("budget"):
+            for p in budget["validation_patients"]:
+                _write_if_absent(inner_curve_path(fdir, p), [[c["step"], c[p]] for c in budget["curve"]])
+            _write_if_absent(fdir / "budget.json", budget)
     rows_path = work_dir / "rows.jsonl"
     done = {(r["fold"], r["arm"], r["seed"]) for r in read_rows(rows_path)}
     current: list[dict[str, Any]] = []
     stale: list[dict[str, Any]] = []
     for r in report["rows"]:
-        (current if r["arm"] not in ARMS or ARMS[r["arm"]].matches(r) else stale).append(r)
+        (current if of_current_recipe(r) else stale).append(r)
     if stale:
         arms = ", ".join(sorted({r["arm"] for r in stale}))
         log.warning("%d rows not restored, their recipe changed since the report: %s", len(stale), arms)
@@ -578,12 +571,26 @@ def restore_arm_curves(probe: dict[str, Any], work_dir: Path) -> list[str]:
         if not ARMS[r["arm"]].matches(probe["arms"][r["arm"]]):
             log.warning("%s: its recipe changed since the probe report; not restored", r["arm"])
             continue
-        path = inner_curve_path(Path(work_dir) / f"fold{r['fold']}", r["held_out"], r["arm"])
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, r["curve"])
+        if _write_if_absent(
+            inner_curve_path(Path(work_dir) / f"fold{r['fold']}", r["held_out"], r["arm"]), r["curve"]
+        ):
             restored.append(f"{r['arm']}@{r['held_out']}")
     return restored
+
+
+def of_current_recipe(row: dict[str, Any]) -> bool:
+    """Whether a row (or a record of an arm's run) ran its arm's recipe as it is now (:meth:`Arm.matches`;
+    an arm this code no longer has keeps its rows)."""
+    return row["arm"] not in ARMS or ARMS[row["arm"]].matches(row)
+
+
+def _write_if_absent(path: Path, data: Any) -> bool:
+    """Write ``data`` as JSON at ``path`` unless a file is there; whether it wrote."""
+    if path.is_file():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, data)
+    return True
 
 
 def run_crossval(
@@ -610,7 +617,7 @@ def run_crossval(
     folds = [fold_data(ing, s, i, cfg) for i, s in enumerate(splits)]
     rows_path = work_dir / "rows.jsonl"
     # a row of an older recipe (an insertion since mended, say) is neither reported nor counted as done
-    rows = [r for r in read_rows(rows_path) if r["arm"] not in ARMS or ARMS[r["arm"]].matches(r)]
+    rows = [r for r in read_rows(rows_path) if of_current_recipe(r)]
     done = {(r["fold"], r["arm"], r["seed"]) for r in rows}
     grid = [(seed, f.index, a) for seed in cfg.seeds for f in folds for a in cfg.arms]
     todo = [] if report_only else [g for g in grid if (g[1], g[2], g[0]) not in done]

@@ -6,8 +6,9 @@ more tumour/context combinations than the cohort holds. One insertion (:func:`in
 
 1. **cut**: a square patch of ``patch`` px centred on the donor's tumour (centre of mass), image and mask;
    the donor's other tissue in the patch is kept only where the blend below lets it through;
-2. **deform**: one MONAI ``Rand2DElasticd`` draw on the patch, the same for its image and labels (rotation uniform in 360 deg, scale
-   ``1 +- scale`` per axis, an elastic displacement), bilinear for the image, nearest for the mask;
+2. **deform**: one MONAI ``Rand2DElasticd`` draw on the patch, the same for its image and labels
+   (rotation uniform in 360 deg, scale ``1 +- scale`` per axis, an elastic displacement), bilinear for
+   the image, nearest for the mask;
 3. **place**: a centre drawn among the recipient's brain pixels (the filled foreground, image > 0)
    such that at least ``inside`` of the new tumour lies in the brain and it overlaps the recipient's own
    tumour (if any) by at most ``max_overlap``; the mask is then cut to the brain;

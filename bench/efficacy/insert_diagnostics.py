@@ -4,10 +4,10 @@ For each cross-validation fold, on its *training* patients only (the test patien
 real tumour slices, ``insert`` pairs (every brain slice a recipient) and ``insert_healthy`` pairs
 (tumour-free recipients only), drawn exactly as the grid draws them (the registry's draw, the grid's
 sample seed), and both again without the intensity match (``InsertConfig.match="none"``, the
-``insert_online_unscaled`` arm's). Per kind of pair: the tumour area per slice, the tumour components per slice, and the
-contrast (mean tumour intensity over the mean of the rest of the brain), the share of tumour pixels
-saturated at the image's top (>= 0.999); and the share of the recipients
-that carry a tumour of their own. Numpy only, a few minutes.
+``insert_online_unscaled`` arm's). Per kind of pair: the tumour area per slice, the tumour components
+per slice, the contrast (mean tumour intensity over the mean of the rest of the brain) and the share of
+tumour pixels saturated at the image's top (>= 0.999); and the share of the recipients that carry a
+tumour of their own. Numpy only, about a minute.
 
     .venv/bin/python bench/efficacy/insert_diagnostics.py
 
