@@ -52,7 +52,15 @@ from imaging.progress import ProgressFn, Reporter, StopFn
 from models.insert import INSERT_VERSION, InsertConfig, OnlineInsert, insert_pairs, recipient_slices
 from models.registry import GENERATORS
 
-from .grid import EfficacyConfig, EfficacyData, claim_work_dir, read_rows, split_cohort, synthetic_pairs
+from .grid import (
+    EfficacyConfig,
+    EfficacyData,
+    claim_work_dir,
+    pairs_path,
+    read_rows,
+    split_cohort,
+    synthetic_pairs,
+)
 from .online import OnlineAugment
 from .report import json_safe, summarize
 from .segmenter import (
@@ -375,10 +383,10 @@ def fold_pairs(
 ) -> np.ndarray:
     """``n`` offline pairs of ``method`` fitted on the fold's training patients only.
 
-    Cached in ``work_dir/<method>/pairs.npy``: a draw's first ``n`` pairs do not depend on how many
-    were drawn, so a longer cached draw serves a shorter one.
+    Cached in :func:`~efficacy.grid.pairs_path` (the insertion's version in the name): a draw's first
+    ``n`` pairs do not depend on how many were drawn, so a longer cached draw serves a shorter one.
     """
-    out = work_dir / method / "pairs.npy"
+    out = pairs_path(work_dir, method, INSERT_VERSION if method == "insert_dhvae" else None)
     if out.is_file() and len(cached := np.load(out, allow_pickle=False)) >= n:
         return cached[:n]
     if method == "insert_dhvae":  # the dHVAE's tumours in the training patients' real slices

@@ -23,8 +23,8 @@ steps; with "step_matched" every run of the grid, real-only included, gets the s
 largest run (:func:`efficacy.segmenter.step_matched_steps`). Judge augmentation on "step_matched".
 
 Every finished cell is appended to ``work_dir/rows.jsonl`` and the synthetic pairs of each generator are
-kept in ``work_dir/<method>/pairs.npy``, so a killed run started again with the same arguments continues
-where it stopped and ends with the same rows.
+kept in ``work_dir/<method>/`` (:func:`pairs_path`), so a killed run started again with the same
+arguments continues where it stopped and ends with the same rows.
 """
 
 from __future__ import annotations
@@ -190,6 +190,15 @@ def split_cohort(
 # --- generators -----------------------------------------------------------------------------------
 
 
+def pairs_path(work_dir: Path, method: str, version: int | None = None) -> Path:
+    """Where a work folder keeps ``method``'s drawn pairs. A drawing recipe past its first version (the
+    insertion's, ``models.insert.INSERT_VERSION``) has it in the file name, so a folder never serves
+    pairs drawn by another version. ``version`` defaults to the generator's; a pair source outside the
+    registry (the cross-validation's ``insert_dhvae``) gives its own."""
+    v = get_generator(method).version if version is None else version
+    return work_dir / method / ("pairs.npy" if v == 1 else f"pairs-v{v}.npy")
+
+
 def synthetic_pairs(
     method: str,
     data: EfficacyData,
@@ -204,7 +213,7 @@ def synthetic_pairs(
     from models.checkpoint import model_from_checkpoint
     from models.sampler import Pair, sample_pairs
 
-    out = work_dir / method / "pairs.npy"
+    out = pairs_path(work_dir, method)
     if out.is_file():
         pairs = np.load(out, allow_pickle=False)
         if len(pairs) == cfg.n_max:
@@ -330,7 +339,7 @@ def run_efficacy(
     pairs: dict[str, np.ndarray] = {}
     failed: dict[str, str] = {}
     for method in cfg.generators:
-        if report_only and not (work_dir / method / "pairs.npy").is_file():
+        if report_only and not pairs_path(work_dir, method).is_file():
             continue
         log.info("efficacy: generator %s", method)
         try:

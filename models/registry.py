@@ -36,7 +36,7 @@ from imaging.errors import DHVAEError
 
 from .config import DHVAEConfig
 from .dhvae import DHVAE
-from .insert import draw_insert, draw_insert_healthy
+from .insert import INSERT_VERSION, draw_insert, draw_insert_healthy
 from .lsgan import LSGAN
 from .masks_first import MasksFirst
 from .traditional import draw_traditional
@@ -51,6 +51,7 @@ class GeneratorEntry:
     description: str
     model_class: type[nn.Module] | None  # None: nothing to train (pairs come from the real slices)
     draw: Callable[[Any, int, int], np.ndarray] | None = None  # (SliceSet, n, seed) -> (n, 2, H, W) pairs
+    version: int = 1  # its drawing recipe's: a cache of pairs drawn by another version is stale
 
     @property
     def trained(self) -> bool:
@@ -66,12 +67,14 @@ REGISTRY: dict[str, GeneratorEntry] = {
             "real tumours pasted into other slices of the training patients (TumorCP / CarveMix-like)",
             None,
             draw_insert,
+            INSERT_VERSION,
         ),
         GeneratorEntry(
             "insert_healthy",
             "real tumours pasted into tumour-free slices of the training patients only (our extension)",
             None,
             draw_insert_healthy,
+            INSERT_VERSION,
         ),
         GeneratorEntry("vae", "VAE baseline (no flow)", DHVAE),
         GeneratorEntry("hvae", "HVAE baseline (no discriminative regulariser)", DHVAE),

@@ -5,8 +5,8 @@ trains the downstream U-Net on one generator's synthetic pairs ALONE (no real sl
 the real test patients, side by side with a U-Net trained on the real training slices alone for the
 same number of steps. A generator whose synthetic-only U-Net scores far below the real-only one makes
 pairs whose masks do not outline what a real tumour looks like, and adding them can at best act as a
-regulariser. The pairs are the ones an efficacy run drew (``<work>/<method>/pairs.npy``), so this reads
-the very data the efficacy rows were trained on.
+regulariser. The pairs are the ones an efficacy run drew (:func:`efficacy.grid.pairs_path`), so this
+reads the very data the efficacy rows were trained on.
 
     .venv/bin/python bench/efficacy/tstr.py --work runs/efficacy --seeds 0 1 2
 
@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared-data helpers
 from brats import REPO, efficacy_data  # noqa: E402
-from efficacy.grid import read_rows  # noqa: E402
+from efficacy.grid import pairs_path, read_rows  # noqa: E402
 from efficacy.report import METRICS, json_safe, summarize  # noqa: E402
 from efficacy.segmenter import run_downstream, segmenter_config, step_matched_steps  # noqa: E402
 from models.registry import GENERATORS  # noqa: E402
@@ -51,7 +51,7 @@ def main() -> None:
     )
     sources = {"real": data.real_train}
     for method in args.methods:
-        path = args.work / method / "pairs.npy"
+        path = pairs_path(args.work, method)
         if path.is_file():
             sources[method] = np.load(path, allow_pickle=False)
 

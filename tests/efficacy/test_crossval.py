@@ -22,6 +22,7 @@ from efficacy.crossval import (
     summarise,
     write_crossval,
 )
+from efficacy.grid import pairs_path
 from efficacy.online import OnlineAugment
 from efficacy.segmenter import LoaderRecipe, SegmenterConfig, train_segmenter
 from imaging.cohort import CohortSpec
@@ -318,7 +319,7 @@ def test_an_arm_s_inner_curve_draws_its_pairs_from_the_inner_training_patients(c
     assert [s for s, _ in curve] == [2, 4] and all(0 <= d <= 1 for _, d in curve)
     assert inner_curve_path(tmp_path, held, "insert_healthy").is_file()
     assert not inner_curve_path(tmp_path, held).exists()  # the reference's budget curve is its own
-    pairs = np.load(tmp_path / f"inner_pairs_{held}" / "insert_healthy" / "pairs.npy")
+    pairs = np.load(pairs_path(tmp_path / f"inner_pairs_{held}", "insert_healthy"))
     assert len(pairs) == 6
 
     def background_of(cases):
@@ -342,6 +343,27 @@ def test_an_arm_s_inner_curve_draws_its_pairs_from_the_inner_training_patients(c
     ]
     with pytest.raises(DHVAEError, match="unfiltered pairs"):
         cached_inner_curve(cohort, fold, cfg.arm("insert_filtered"), held, cfg, tmp_path)
+
+
+def test_a_cached_draw_of_another_insertion_version_is_not_served(cohort, tmp_path):
+    """A work folder's pairs of an inserting method are kept under the insertion's version: pairs drawn
+    by an older recipe (``pairs.npy``, version 1) are never served as this version's."""
+    from efficacy.crossval import fold_pairs
+    from efficacy.segmenter import PatientSplit
+    from models.insert import INSERT_VERSION
+
+    assert INSERT_VERSION > 1  # else the two paths coincide and there is nothing to test
+    ids = sorted(c.case_id for c in cohort.slices.cases)
+    cfg = CVConfig(segmenter=TINY_UNET, n_synthetic=4)
+    fold = fold_data(cohort, PatientSplit(tuple(ids[:3]), (ids[3],)), 0, cfg)
+    stale = pairs_path(tmp_path, "insert", version=1)
+    stale.parent.mkdir(parents=True)
+    np.save(stale, np.full((8, 2, 32, 32), 7.0, np.float32))  # a longer draw: it would serve n = 4
+    pairs = fold_pairs("insert", 4, fold, cfg, tmp_path)
+    assert pairs.shape == (4, 2, 32, 32) and not np.any(pairs == 7.0)
+    assert pairs_path(tmp_path, "insert") == tmp_path / "insert" / f"pairs-v{INSERT_VERSION}.npy"
+    np.testing.assert_array_equal(np.load(pairs_path(tmp_path, "insert")), pairs)
+    assert pairs_path(tmp_path, "vae") == tmp_path / "vae" / "pairs.npy"  # a generator without versions
 
 
 def test_a_probe_report_restores_the_arms_curves_whose_settings_still_hold(tmp_path):
