@@ -143,6 +143,7 @@ Arm = Literal[
     "insert",
     "insert_online",
     "insert_online_unscaled",
+    "insert_online_tumour",
     "insert_healthy",
     "dhvae",
     "dhvae_pretrain",

@@ -86,7 +86,9 @@ class Arm:
     ``method``: where the offline pairs come from: "none", a generator of :mod:`models.registry`
     ("insert" included), or "insert_dhvae" (dHVAE tumours pasted into real slices). ``online_insert``:
     the probability that a slice of a batch receives a real tumour of the training patients in the
-    loader (TumorCP's online copy-paste); ``insert_match``: its intensity match (``InsertConfig.match``).
+    loader (TumorCP's online copy-paste); ``insert_match``: its intensity match (``InsertConfig.match``);
+    ``online_recipients``: which batch slices may receive one (``InsertConfig.recipients``: "tumour"
+    leaves the tumour-free slices clean negatives).
     ``pretrain_fraction``: the share of the budget spent on
     synthetic pairs alone before the mixed batches (synthetic pretraining, then real fine-tuning).
     """
@@ -97,6 +99,7 @@ class Arm:
     online_aug: bool = True
     online_insert: float = 0.0
     insert_match: Literal["ring", "none"] = "ring"
+    online_recipients: Literal["any", "tumour"] = "any"
     real_fraction: float | None = 0.75
     synthetic_weight: float = 1.0
     pretrain_fraction: float = 0.0
@@ -142,6 +145,8 @@ ARMS: dict[str, Arm] = {
         Arm("insert_online", online_insert=0.5),  # ... and in the loader (TumorCP)
         # ... with the tumour's own intensities (the ring match dims and saturates pasted tumours)
         Arm("insert_online_unscaled", online_insert=0.5, insert_match="none"),
+        # ... into the slices that carry a tumour already: the tumour-free ones stay clean negatives
+        Arm("insert_online_tumour", online_insert=0.5, online_recipients="tumour"),
         Arm("insert_healthy", method="insert_healthy", n=500),  # ... into tumour-free slices only
         Arm("dhvae", method="dhvae", n=500),
         Arm("dhvae_pretrain", method="dhvae", n=500, pretrain_fraction=0.3),
@@ -478,8 +483,8 @@ def arm_training(
     online transforms, the loader recipe, the protocol and the budget), and the run's step count."""
     online: list[OnlineTransform] = []
     if arm.online_insert > 0:
-        match = InsertConfig(match=arm.insert_match)
-        online.append(OnlineInsert(fold.data.real_train, p=arm.online_insert, cfg=match))
+        paste = InsertConfig(match=arm.insert_match, recipients=arm.online_recipients)
+        online.append(OnlineInsert(fold.data.real_train, p=arm.online_insert, cfg=paste))
     if arm.online_aug:
         online.append(OnlineAugment())
     n_all = len(fold.real_pool) + (0 if pairs is None else len(pairs))

@@ -28,10 +28,12 @@ more tumour/context combinations than the cohort holds. One insertion (:func:`in
 
 Two sources of tumours, one function: the training patients' real tumour slices (``insert``, the
 copy-paste baseline) or a generator's pairs (the efficacy grid's ``insert_dhvae``: dHVAE tumours in
-real slices). Two kinds of recipient (``recipients``): every brain slice (``insert``: two thirds of
+real slices). Three kinds of recipient (``recipients``): every brain slice (``insert``: two thirds of
 them carry a tumour already, so a pair's median tumour area is 1.9-2.0x a real slice's on the shared
 cases), or the tumour-free slices only (``insert_healthy``, after Tumor Fabrication: one tumour per
-pair, as in the cohort, on a background no real pair shows). Reproducible: pair ``i`` of
+pair, as in the cohort, on a background no real pair shows), or the slices that carry a tumour already
+(``"tumour"``, the efficacy grid's ``insert_online_tumour``: the tumour-free slices stay the clean
+negatives the cohort has). Reproducible: pair ``i`` of
 :func:`insert_pairs` depends on (seed, i) and the inputs only.
 """
 
@@ -48,6 +50,16 @@ from scipy import ndimage
 # not taken for this one's: 2 = one deformation draw for a tumour's image and mask (version 1 drew
 # them apart: its pasted masks were rotated away from their tumours).
 INSERT_VERSION = 2
+
+
+Recipients = Literal["any", "tumour_free", "tumour"]
+
+
+def receives(recipients: Recipients, has_tumour: bool) -> bool:
+    """Whether a brain slice may receive a tumour: every one (``"any"``), only the tumour-free ones
+    (``"tumour_free"``, Tumor Fabrication), or only those that carry a tumour already (``"tumour"``: the
+    tumour-free slices stay clean negatives, as in the cohort)."""
+    return recipients == "any" or (recipients == "tumour") == has_tumour
 
 
 @dataclass(frozen=True)
@@ -67,7 +79,7 @@ class InsertConfig:
     min_area: int = 30  # px: a pasted tumour smaller than this is drawn again
     min_brain_fraction: float = 0.1  # a recipient slice holds at least this much brain
     tries: int = 20  # placements tried per (donor, recipient) before another pair is drawn
-    recipients: Literal["any", "tumour_free"] = "any"  # which brain slices receive a tumour
+    recipients: Recipients = "any"  # which brain slices receive a tumour (:func:`receives`)
 
 
 def brain_mask(image: np.ndarray) -> np.ndarray:
@@ -77,19 +89,19 @@ def brain_mask(image: np.ndarray) -> np.ndarray:
 
 def recipient_slices(cases, cfg: InsertConfig | None = None) -> np.ndarray:
     """Every axial slice of ``cases`` (ResampledCase-like: ``image``/``mask`` ``(H, W, D)``) with at least
-    ``cfg.min_brain_fraction`` brain, as ``(N, 2, H, W)`` float32: tumour-free slices included, or
-    (``cfg.recipients == "tumour_free"``) only those."""
+    ``cfg.min_brain_fraction`` brain that may receive a tumour (:func:`receives`), as ``(N, 2, H, W)``
+    float32."""
     cfg = cfg or InsertConfig()
     out = []
     for c in cases:
         for k in range(c.image.shape[-1]):
             img = c.image[:, :, k]
-            if cfg.recipients == "tumour_free" and c.mask[:, :, k].any():
+            if not receives(cfg.recipients, bool(c.mask[:, :, k].any())):
                 continue
             if brain_mask(img).mean() >= cfg.min_brain_fraction:
                 out.append(np.stack([img, c.mask[:, :, k].astype(np.float32)]))
     if not out:
-        which = "tumour-free slice" if cfg.recipients == "tumour_free" else "slice"
+        which = {"any": "slice", "tumour_free": "tumour-free slice", "tumour": "tumour slice"}[cfg.recipients]
         raise ValueError(f"no {which} of the cases holds enough brain to receive a tumour")
     return np.stack(out).astype(np.float32)
 
@@ -272,8 +284,9 @@ def insert_pairs(
 
 
 class OnlineInsert:
-    """The online variant for the U-Net's loader: each slice of a batch receives a donor tumour with
-    probability ``p`` (the slice itself is the recipient; a slice with no room is left as it is)."""
+    """The online variant for the U-Net's loader: each slice of a batch that may receive a tumour
+    (``cfg.recipients``, :func:`receives`) receives a donor tumour with probability ``p`` (the slice
+    itself is the recipient; a slice with no room is left as it is)."""
 
     def __init__(self, donors: np.ndarray, p: float = 0.5, cfg: InsertConfig | None = None) -> None:
         self.inserter = Inserter(cfg)
@@ -288,8 +301,9 @@ class OnlineInsert:
 
         rng = np.random.default_rng([seed, step, 13])
         out = batch.clone()
+        recipients = self.inserter.cfg.recipients
         for i in range(len(batch)):
-            if rng.random() < self.p:
+            if rng.random() < self.p and receives(recipients, bool((batch[i, 1] > 0.5).any())):
                 pair = self.inserter(self.donors[rng.integers(len(self.donors))], batch[i].numpy(), rng)
                 if pair is not None:
                     out[i] = torch.from_numpy(pair)

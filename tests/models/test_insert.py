@@ -64,6 +64,23 @@ def test_recipients_include_tumour_free_brain_slices_only_with_brain():
     assert rec.shape == (2, 2, 48, 48) and rec[:, 1].sum() == 0
 
 
+def test_each_kind_of_recipient_takes_its_slices_only():
+    class Case:
+        def __init__(self, slices: np.ndarray) -> None:
+            self.image, self.mask = np.moveaxis(slices[:, 0], 0, -1), np.moveaxis(slices[:, 1], 0, -1)
+
+    case = Case(np.concatenate([_slices(2, seed=1), _slices(3, seed=2, tumour=False)]))
+    areas = {
+        kind: recipient_slices([case], InsertConfig(recipients=kind))[:, 1].sum((1, 2))
+        for kind in ("any", "tumour_free", "tumour")
+    }
+    assert len(areas["any"]) == 5
+    assert len(areas["tumour_free"]) == 3 and (areas["tumour_free"] == 0).all()
+    assert len(areas["tumour"]) == 2 and (areas["tumour"] > 0).all()
+    with pytest.raises(ValueError, match="no tumour slice"):
+        recipient_slices([Case(_slices(3, tumour=False))], InsertConfig(recipients="tumour"))
+
+
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="no donor"):
         insert_pairs(_slices(2, tumour=False), _slices(2, tumour=False), 1, seed=0, cfg=CFG)
@@ -79,6 +96,17 @@ def test_online_insert_pastes_with_probability_p_deterministically():
     assert out.shape == batch.shape and (out[:, 1].sum((1, 2)) > 0).all()
     torch.testing.assert_close(out, always(batch, 0, 0))
     torch.testing.assert_close(OnlineInsert(donors, p=0.0, cfg=CFG)(batch, 0, 0), batch)
+
+
+def test_online_insert_into_tumour_slices_leaves_the_tumour_free_ones_clean():
+    lesional = torch.from_numpy(_slices(4, seed=9))
+    clean = torch.from_numpy(_slices(4, seed=11, tumour=False))
+    batch = torch.cat([lesional, clean])
+    out = OnlineInsert(_slices(4), p=1.0, cfg=InsertConfig(patch=32, min_area=10, recipients="tumour"))(
+        batch, 0, 0
+    )
+    torch.testing.assert_close(out[4:], clean)  # the negatives are untouched
+    assert (out[:4, 1].sum((1, 2)) > lesional[:, 1].sum((1, 2))).all()  # every tumour slice took a paste
 
 
 def test_registry_draws_insert_from_a_slice_set():
