@@ -1,5 +1,7 @@
 """Tumour insertion (models/insert.py): shapes, binary masks inside the brain, determinism, errors."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,13 @@ def _slices(n: int, size: int = 48, seed: int = 0, tumour: bool = True) -> np.nd
             out[i, 0][t] = 0.9
             out[i, 1] = t
     return out
+
+
+def _volume(slices: np.ndarray) -> SimpleNamespace:
+    """A case (ResampledCase-like: ``image``/``mask`` ``(H, W, D)``) whose axial slices are ``slices``."""
+    return SimpleNamespace(
+        image=np.moveaxis(slices[:, 0], 0, -1), mask=np.moveaxis(slices[:, 1], 0, -1) > 0.5
+    )
 
 
 CFG = InsertConfig(patch=32, min_area=10)
@@ -65,11 +74,7 @@ def test_recipients_include_tumour_free_brain_slices_only_with_brain():
 
 
 def test_each_kind_of_recipient_takes_its_slices_only():
-    class Case:
-        def __init__(self, slices: np.ndarray) -> None:
-            self.image, self.mask = np.moveaxis(slices[:, 0], 0, -1), np.moveaxis(slices[:, 1], 0, -1)
-
-    case = Case(np.concatenate([_slices(2, seed=1), _slices(3, seed=2, tumour=False)]))
+    case = _volume(np.concatenate([_slices(2, seed=1), _slices(3, seed=2, tumour=False)]))
     areas = {
         kind: recipient_slices([case], InsertConfig(recipients=kind))[:, 1].sum((1, 2))
         for kind in ("any", "tumour_free", "tumour")
@@ -78,7 +83,7 @@ def test_each_kind_of_recipient_takes_its_slices_only():
     assert len(areas["tumour_free"]) == 3 and (areas["tumour_free"] == 0).all()
     assert len(areas["tumour"]) == 2 and (areas["tumour"] > 0).all()
     with pytest.raises(ValueError, match="no tumour slice"):
-        recipient_slices([Case(_slices(3, tumour=False))], InsertConfig(recipients="tumour"))
+        recipient_slices([_volume(_slices(3, tumour=False))], InsertConfig(recipients="tumour"))
 
 
 def test_errors_name_the_problem():
@@ -163,17 +168,16 @@ def test_insert_healthy_pastes_one_tumour_into_tumour_free_slices_only():
     tumour_slices = _slices(3, seed=5)
     free = _slices(3, seed=6, tumour=False)
 
-    class Case:  # a volume of 3 tumour slices and 3 tumour-free ones, interleaved
-        image = np.moveaxis(np.stack([tumour_slices, free], 1).reshape(6, 2, 48, 48)[:, 0], 0, -1)
-        mask = np.moveaxis(np.stack([tumour_slices, free], 1).reshape(6, 2, 48, 48)[:, 1], 0, -1) > 0.5
+    interleaved = np.stack([tumour_slices, free], 1).reshape(6, 2, 48, 48)
+    case = _volume(interleaved)  # 3 tumour slices and 3 tumour-free ones, interleaved
 
-    healthy = recipient_slices([Case()], InsertConfig(recipients="tumour_free"))
+    healthy = recipient_slices([case], InsertConfig(recipients="tumour_free"))
     assert len(healthy) == 3 and not healthy[:, 1].any()
-    assert len(recipient_slices([Case()])) == 6
+    assert len(recipient_slices([case])) == 6
 
     class SliceSet:
         slices = _slices(4)
-        cases = [Case()]
+        cases = [case]
 
     pairs = get_generator("insert_healthy").draw(SliceSet(), 8, 0)
     assert pairs.shape == (8, 2, 48, 48) and set(np.unique(pairs[:, 1])) == {0.0, 1.0}
@@ -187,11 +191,7 @@ def test_insert_healthy_pastes_one_tumour_into_tumour_free_slices_only():
     anywhere = get_generator("insert").draw(SliceSet(), 8, 0)
     assert max(ndimage.label(p[1] > 0.5)[1] for p in anywhere) == 2  # a tumour slice got a second one
     with pytest.raises(ValueError, match="no tumour-free slice"):
-
-        class Full:
-            image, mask = Case.image[:, :, ::2], Case.mask[:, :, ::2]  # the tumour slices only
-
-        recipient_slices([Full()], InsertConfig(recipients="tumour_free"))
+        recipient_slices([_volume(interleaved[::2])], InsertConfig(recipients="tumour_free"))  # tumours only
 
 
 def test_the_ring_match_dims_a_haloed_tumour_and_match_none_keeps_its_intensities():
