@@ -19,8 +19,9 @@ WORKDIR /app
 # ---------------------------------------------------------------------------------------------- api
 FROM base AS api-deps
 COPY requirements.lock ./
-# everything pinned in the runtime lock but the deep-learning stack (the dev tools have their own lock)
-RUN grep -v -E '^(torch|monai|triton|nvidia-)' requirements.lock > requirements-api.txt \
+# everything pinned in the runtime lock but the deep-learning stack and the efficacy metrics' scikit-image
+# (the dev tools have their own lock)
+RUN grep -v -E '^(torch|monai|scikit-image|triton|nvidia-)' requirements.lock > requirements-api.txt \
  && pip install -r requirements-api.txt
 
 FROM api-deps AS api

@@ -77,6 +77,9 @@ from .segmenter import (
 log = logging.getLogger(__name__)
 
 CV_METRICS = ("dice_slice", "dice_3d", "hd95", "fp_volume")
+# the 3D metrics after keeping the largest component (nnU-Net's post-processing; rows since 2026-12-04)
+LCC_METRICS = ("dice_3d_lcc", "hd95_lcc", "fp_volume_lcc")
+HIGHER_IS_BETTER = ("dice_slice", "dice_3d", "dice_3d_lcc")
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,8 @@ ARMS: dict[str, Arm] = {
         Arm("insert_online_unscaled", online_insert=0.5, insert_match="none"),
         # ... into the slices that carry a tumour already: the tumour-free ones stay clean negatives
         Arm("insert_online_tumour", online_insert=0.5, online_recipients="tumour"),
+        # ... with half TumorCP's paste probability: fewer pasted tumours for the U-Net to over-learn
+        Arm("insert_online_p25", online_insert=0.25),
         Arm("insert_healthy", method="insert_healthy", n=500),  # ... into tumour-free slices only
         Arm("dhvae", method="dhvae", n=500),
         Arm("dhvae_pretrain", method="dhvae", n=500, pretrain_fraction=0.3),
@@ -527,7 +532,7 @@ def run_arm(
         **arm.settings(),
         "steps": steps,
         "n_real": len(fold.real_pool),
-        **{k: result[k] for k in (*CV_METRICS, "hd95_unit")},
+        **{k: result[k] for k in (*CV_METRICS, *LCC_METRICS, "hd95_unit")},
         "per_case": result["per_case"],
     }
 
@@ -591,6 +596,25 @@ def restore_arm_curves(probe: dict[str, Any], work_dir: Path) -> list[str]:
     return restored
 
 
+def remeasure(work_dir: Path, arms: Sequence[str], seeds: Sequence[int]) -> int:
+    """Take the finished runs of ``arms`` at ``seeds`` that predate the post-processed metrics
+    (``LCC_METRICS``) out of ``work_dir``, so that :func:`run_crossval` trains and measures them again.
+
+    Each is kept in ``superseded.jsonl``; its retrained row records the old metrics as ``before``: on the
+    CPU kind it ran on, a rerun reproduces them (the check that a run is deterministic). Returns how many.
+    """
+    rows_path, old_path = Path(work_dir) / "rows.jsonl", Path(work_dir) / "superseded.jsonl"
+    rows = read_rows(rows_path)
+    out = [r for r in rows if r["arm"] in arms and r["seed"] in seeds and LCC_METRICS[0] not in r]
+    if out:
+        with open(old_path, "a") as sink:
+            sink.writelines(json.dumps(r) + "\n" for r in out)
+        kept = [r for r in rows if r not in out]
+        with atomic_file(rows_path, "w") as sink:
+            sink.writelines(json.dumps(r) + "\n" for r in kept)
+    return len(out)
+
+
 def of_current_recipe(row: dict[str, Any]) -> bool:
     """Whether a row (or a record of an arm's run) ran its arm's recipe as it is now (:meth:`Arm.matches`;
     an arm this code no longer has keeps its rows)."""
@@ -632,6 +656,7 @@ def run_crossval(
     # a row of an older recipe (an insertion since mended, say) is neither reported nor counted as done
     rows = [r for r in read_rows(rows_path) if of_current_recipe(r)]
     done = {(r["fold"], r["arm"], r["seed"]) for r in rows}
+    before = {(r["fold"], r["arm"], r["seed"]): r for r in read_rows(work_dir / "superseded.jsonl")}
     grid = [(seed, f.index, a) for seed in cfg.seeds for f in folds for a in cfg.arms]
     todo = [] if report_only else [g for g in grid if (g[1], g[2], g[0]) not in done]
     # the total counts each fold's inner-validation runs too (what the service announces)
@@ -685,6 +710,8 @@ def run_crossval(
             row = run_arm(arm, fold, pairs, seed=seed, budget=budgets[i]["steps"], cfg=cfg, device=device)
             if agreement:
                 row["agreement"] = agreement
+            if old := before.get((i, name, seed)):  # a rerun (remeasure): what the first run measured
+                row["before"] = {k: old.get(k) for k in (*CV_METRICS, "cpu_flags")}
             row.update(row_tags or {})
             rows.append(row)
             sink.write(json.dumps(row) + "\n")
@@ -737,9 +764,10 @@ def paired_gain(
     and a 95 % patient-level bootstrap interval of the mean per-patient gain.
 
     Per patient, the gain is the mean over seeds of (arm - reference) on that patient's own score
-    (``per_case``); the bootstrap resamples patients with replacement. None when no pair exists.
+    (``per_case``); the bootstrap resamples patients with replacement. Only pairs whose two rows both
+    measured ``metric`` count (older rows lack the post-processed ones). None when no pair exists.
     """
-    by = {(r["fold"], r["seed"], r["arm"]): r for r in rows}
+    by = {(r["fold"], r["seed"], r["arm"]): r for r in rows if metric in r}
     pairs = [(k[0], k[1]) for k in by if k[2] == arm and (k[0], k[1], reference) in by]
     if not pairs:
         return None
@@ -767,7 +795,7 @@ def paired_gain(
         "mean_patient_gain": float(gains.mean()) if len(gains) else float("nan"),
         "patients": len(gains),
         "ci95": [lo, hi],
-        "helps": bool(lo > 0) if metric in ("dice_slice", "dice_3d") else bool(hi < 0),
+        "helps": bool(lo > 0) if metric in HIGHER_IS_BETTER else bool(hi < 0),
     }
 
 
@@ -781,12 +809,14 @@ def summarise(rows: Sequence[dict[str, Any]], cfg: CVConfig) -> dict[str, Any]:
             continue
         for fold in sorted({r["fold"] for r in mine}) + ["pooled"]:
             sel = mine if fold == "pooled" else [r for r in mine if r["fold"] == fold]
-            table.append(
-                {"arm": name, "fold": fold, **{m: summarize([r[m] for r in sel]) for m in CV_METRICS}}
-            )
+            entry = {"arm": name, "fold": fold, **{m: summarize([r[m] for r in sel]) for m in CV_METRICS}}
+            entry |= {m: summarize(v) for m in LCC_METRICS if (v := [r[m] for r in sel if m in r])}
+            table.append(entry)
     gains = {
         name: {
-            m: g for m in CV_METRICS if (g := paired_gain(rows, name, m, bootstrap=cfg.bootstrap)) is not None
+            m: g
+            for m in (*CV_METRICS, *LCC_METRICS)
+            if (g := paired_gain(rows, name, m, bootstrap=cfg.bootstrap)) is not None
         }
         for name in cfg.arms
         if name != REFERENCE
@@ -889,6 +919,34 @@ def crossval_markdown(report: dict[str, Any], title: str = "Cross-validated effi
             f"| {100 * d['mean_patient_gain']:+.1f} | [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] "
             f"| {'yes' if d['helps'] else 'no'} |"
         )
+    lcc = [t for t in report["table"] if "dice_3d_lcc" in t]
+    if lcc:
+        lines += [
+            "",
+            "The same runs' 3D metrics after keeping the largest 3D connected component (nnU-Net's "
+            "post-processing), where the run measured them:",
+            "",
+            "| arm | fold | runs | dice_3d (%) | hd95 (mm) | fp_volume (ml) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for t in lcc:
+            d, h, v = t["dice_3d_lcc"], t["hd95_lcc"], t["fp_volume_lcc"]
+            lines.append(
+                f"| {t['arm']} | {t['fold']} | {d['n']} | {pct(d)} | {h['mean']:.1f} +- {h['std']:.1f} "
+                f"| {v['mean']:.2f} +- {v['std']:.2f} |"
+            )
+        paired = [(n, g["dice_3d_lcc"]) for n, g in report["gains"].items() if "dice_3d_lcc" in g]
+        if paired:
+            lines += [
+                "",
+                "| arm | runs | patients | dice_3d gain, post-processed | CI | helps |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {n} | {g['runs']} | {g['patients']} | {100 * g['mean_patient_gain']:+.1f} "
+                f"| [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}] | {'yes' if g['helps'] else 'no'} |"
+                for n, g in paired
+            ]
     lines += ["", f"**Recommendation**: {report['recommendation']['words']}", ""]
     return "\n".join(lines)
 

@@ -8,6 +8,8 @@ gains with a patient-level bootstrap interval.
     .venv/bin/python bench/efficacy/cv.py --seeds 3 --arms real real_aug insert insert_online
     .venv/bin/python bench/efficacy/cv.py --report-only                    # report what is done
     .venv/bin/python bench/efficacy/cv.py ... --resume-from bench/results/efficacy_cv.json  # new machine
+    .venv/bin/python bench/efficacy/cv.py ... --remeasure real_aug --remeasure-seeds 0  # older rows again,
+                                                                    # with the post-processed 3D metrics
 
 Results: bench/results/efficacy_cv.{json,md,png}. Resumable: the work folder (runs/efficacy_cv) keeps
 every finished run; the same command continues. Arms may be added; other settings need a new folder.
@@ -29,7 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shar
 from machine import describe, machine  # noqa: E402
 
 from brats import REPO, combined_cohort  # noqa: E402
-from efficacy.crossval import ARMS, CVConfig, restore_work_dir, run_crossval, write_crossval  # noqa: E402
+from efficacy.crossval import (  # noqa: E402
+    ARMS,
+    CVConfig,
+    remeasure,
+    restore_work_dir,
+    run_crossval,
+    write_crossval,
+)
 from efficacy.segmenter import OPTIMIZER_LR, UNET_WIDTHS, segmenter_config  # noqa: E402
 from imaging.cohort import CohortSpec  # noqa: E402
 from pipeline import pipeline  # noqa: E402
@@ -66,6 +75,15 @@ def main(argv: list[str] | None = None) -> None:
         help="a committed report (e.g. bench/results/efficacy_cv.json): seed the work folder with its "
         "budgets and finished runs (a new machine has no runs/)",
     )
+    ap.add_argument(
+        "--remeasure",
+        nargs="+",
+        default=[],
+        choices=sorted(ARMS),
+        help="train these arms' finished runs again where they predate the post-processed 3D metrics "
+        "(each new row keeps the old metrics as 'before': the determinism check)",
+    )
+    ap.add_argument("--remeasure-seeds", type=int, nargs="+", help="only these seeds (default: all)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = args.work or REPO / "runs" / args.name
@@ -93,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
             committed, work, fallback_tags={"cpu_flags": committed["machine"]["cpu_flags"]}
         )
         logging.info("%s: %d finished runs restored into %s", args.resume_from, added, work)
+    if args.remeasure:
+        moved = remeasure(work, args.remeasure, args.remeasure_seeds or cfg.seeds)
+        logging.info("%d finished runs of %s to train again", moved, ", ".join(args.remeasure))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         cohort = combined_cohort(["train", "validation", "test"], Path(tmp))

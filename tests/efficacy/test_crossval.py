@@ -10,12 +10,15 @@ import torch
 
 from efficacy.crossval import (
     ARMS,
+    LCC_METRICS,
     REFERENCE,
     CVConfig,
+    crossval_markdown,
     fold_data,
     inner_curve_path,
     make_folds,
     paired_gain,
+    remeasure,
     restore_arm_curves,
     restore_work_dir,
     run_crossval,
@@ -144,6 +147,22 @@ def test_paired_gain_and_the_recommendation():
         [r for r in rows if r["arm"] != "insert"], CVConfig(arms=("real", REFERENCE), seeds=(0, 1), folds=2)
     )
     assert flat["recommendation"]["words"].startswith("Nothing beats your real data")
+    # the post-processed 3D metrics: only the pairs whose two rows measured them count
+    assert (
+        paired_gain(rows, "insert", "dice_3d_lcc") is None and "dice_3d_lcc" not in report["gains"]["insert"]
+    )
+    for r in rows:
+        if r["seed"] == 0:
+            for m in (r, *r["per_case"]):
+                m |= {"dice_3d_lcc": m["dice_3d"] + (0.1 if r["arm"] == "insert" else 0.0)}
+                m |= {"hd95_lcc": m["hd95"], "fp_volume_lcc": m["fp_volume"]}
+    g = paired_gain(rows, "insert", "dice_3d_lcc")
+    assert g["runs"] == 2 and g["mean_run_gain"] == pytest.approx(0.14) and g["helps"]
+    report = summarise(rows, CVConfig(arms=("real", REFERENCE, "insert"), seeds=(0, 1), folds=2))
+    pooled = next(t for t in report["table"] if t["arm"] == "insert" and t["fold"] == "pooled")
+    assert pooled["dice_3d_lcc"]["n"] == 2 and pooled["dice_3d"]["n"] == 4
+    report["folds"] = []
+    assert "dice_3d gain, post-processed" in crossval_markdown(report)
 
 
 def test_crossval_end_to_end_resumes(cohort, tmp_path, monkeypatch):
@@ -172,8 +191,10 @@ def test_crossval_end_to_end_resumes(cohort, tmp_path, monkeypatch):
             "dice_3d",
             "hd95",
             "fp_volume",
+            *LCC_METRICS,
             "real_fraction",
         } <= set(r)
+        assert set(LCC_METRICS) <= set(r["per_case"][0]) and r["fp_volume_lcc"] <= r["fp_volume"]
         assert r["steps"] == (
             report["folds"][r["fold"]]["budget"]["steps"] if r["arm"] != "real_fixed_epochs" else r["steps"]
         )
@@ -186,6 +207,7 @@ def test_crossval_end_to_end_resumes(cohort, tmp_path, monkeypatch):
     write_crossval(again, tmp_path / "out")
     md = (tmp_path / "out" / "efficacy_cv.md").read_text()
     assert "Paired gain over `real_aug`" in md and "**Recommendation**" in md
+    assert "nnU-Net's post-processing" in md
     assert (tmp_path / "out" / "efficacy_cv.png").stat().st_size > 0
     with pytest.raises(DHVAEError, match="other settings"):
         run_crossval(
@@ -205,6 +227,17 @@ def test_crossval_end_to_end_resumes(cohort, tmp_path, monkeypatch):
     assert [f["budget"] for f in restored["folds"]] == [f["budget"] for f in committed["folds"]]
     with pytest.raises(DHVAEError, match="other settings"):
         run_crossval(cohort, replace(cfg, max_steps=6), tmp_path / "new")
+    # rows older than the post-processed metrics: remeasure trains them again, and they reproduce
+    old = [{k: v for k, v in r.items() if k not in LCC_METRICS} if r["arm"] == "real" else r for r in rows]
+    (tmp_path / "new" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert remeasure(tmp_path / "new", ["real", "insert"], [0]) == 2  # the insert rows have them already
+    assert remeasure(tmp_path / "new", ["real"], [0]) == 0
+    monkeypatch.undo()
+    redone = run_crossval(cohort, cfg, tmp_path / "new")
+    assert redone["runs_done"] == 12
+    for r in (r for r in redone["rows"] if r["arm"] == "real"):
+        assert set(LCC_METRICS) <= set(r) and r["before"]["dice_slice"] == r["dice_slice"]
+        assert r["before"]["dice_3d"] == r["dice_3d"]
     # a fold stopped while choosing its budget: the held-out curves it has travel in the report
     assert all(f["inner_curves"] == {} for f in report["folds"])  # every budget chosen
     held = report["folds"][0]["budget"]["validation_patients"][0]

@@ -14,6 +14,7 @@ from efficacy.segmenter import (
     dice_score,
     evaluate_segmenter,
     hd95,
+    largest_component,
     patient_split,
     predict_slices,
     run_downstream,
@@ -201,3 +202,39 @@ def test_unet_trains_and_evaluate_returns_metrics():
     )
     assert (row["n_real"], row["n_synthetic"], row["steps"], row["protocol"]) == (6, 2, 3, "step_matched")
     assert {"dice_slice", "dice_3d", "hd95"} <= set(row)
+
+
+class _Bright(torch.nn.Module):
+    """A fixed segmenter for the metric tests: tumour wherever the image is brighter than 0.6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(50.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gain * (x - 0.6)
+
+
+def test_largest_component_removes_the_false_positives_and_is_reported_beside_the_raw_metrics():
+    blob = np.zeros((16, 16, 6), bool)
+    blob[4:9, 4:9, 1:4] = True
+    speck = blob.copy()
+    speck[11:14, 11:14, 5] = speck[0, 15, 0] = True  # a patch and a lone voxel, on slices without tumour
+    kept = largest_component(speck)
+    assert kept.dtype == bool and np.array_equal(kept, blob)
+    assert np.array_equal(largest_component(blob), blob) and not largest_component(~np.ones_like(blob)).any()
+
+    image = 0.2 + 0.6 * speck.astype(np.float32)
+    res = evaluate_segmenter(_Bright(), [toy_case_from(image, blob)])
+    case = res["per_case"][0]
+    assert case["fp_volume"] == 10 and case["fp_volume_lcc"] == 0  # voxels: the case has no affine
+    assert case["dice_3d_lcc"] == 1.0 > case["dice_3d"] == pytest.approx(2 * 75 / (85 + 75))
+    assert case["hd95_lcc"] == 0.0 < case["hd95"]
+    assert {k: res[k] for k in ("dice_3d_lcc", "fp_volume_lcc")} == {"dice_3d_lcc": 1.0, "fp_volume_lcc": 0.0}
+
+
+def toy_case_from(image: np.ndarray, mask: np.ndarray):
+    """A test patient of the given volume and mask, no affine (metrics in voxels)."""
+    case = toy_case("p", 0)
+    case.image, case.mask = image, mask.astype(np.uint8)
+    return case
