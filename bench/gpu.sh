@@ -9,8 +9,9 @@
 #   bench/gpu.sh            # on the device (the `device` tool's run: OUT is set there)
 #   bench/gpu.sh --dry      # on a CPU: the same steps at toy sizes (tests/test_gpu_script.py runs it)
 #
-# The device has torch but not monai or nibabel: carry them as wheels in .whl (the device README's
-# recipe); the BraTS cases must travel too (DATA=path inside the checkout, git-ignored, deleted after).
+# The device has torch but not monai, nibabel or scikit-image (the post-processed 3D metrics; with
+# lazy_loader): carry them as wheels in .whl (the device README's recipe); the BraTS cases must travel
+# too (DATA=path inside the checkout, git-ignored, deleted after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
