@@ -64,6 +64,7 @@ from .grid import (
 from .online import OnlineAugment
 from .report import json_safe, summarize
 from .segmenter import (
+    LCC_METRICS,
     LoaderRecipe,
     OnlineTransform,
     PatientSplit,
@@ -77,8 +78,7 @@ from .segmenter import (
 log = logging.getLogger(__name__)
 
 CV_METRICS = ("dice_slice", "dice_3d", "hd95", "fp_volume")
-# the 3D metrics after keeping the largest component (nnU-Net's post-processing; rows since 2026-12-04)
-LCC_METRICS = ("dice_3d_lcc", "hd95_lcc", "fp_volume_lcc")
+# LCC_METRICS (segmenter): the 3D ones after nnU-Net's post-processing, in the rows since 2026-12-04
 HIGHER_IS_BETTER = ("dice_slice", "dice_3d", "dice_3d_lcc")
 
 
@@ -604,12 +604,13 @@ def remeasure(work_dir: Path, arms: Sequence[str], seeds: Sequence[int]) -> int:
     CPU kind it ran on, a rerun reproduces them (the check that a run is deterministic). Returns how many.
     """
     rows_path, old_path = Path(work_dir) / "rows.jsonl", Path(work_dir) / "superseded.jsonl"
-    rows = read_rows(rows_path)
-    out = [r for r in rows if r["arm"] in arms and r["seed"] in seeds and LCC_METRICS[0] not in r]
+    out: list[dict[str, Any]] = []
+    kept: list[dict[str, Any]] = []
+    for r in read_rows(rows_path):
+        (out if r["arm"] in arms and r["seed"] in seeds and LCC_METRICS[0] not in r else kept).append(r)
     if out:
         with open(old_path, "a") as sink:
             sink.writelines(json.dumps(r) + "\n" for r in out)
-        kept = [r for r in rows if r not in out]
         with atomic_file(rows_path, "w") as sink:
             sink.writelines(json.dumps(r) + "\n" for r in kept)
     return len(out)

@@ -409,7 +409,8 @@ def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None =
     return float(d.item())
 
 
-VOLUME_METRICS = ("dice_3d", "hd95", "fp_volume", "dice_3d_lcc", "hd95_lcc", "fp_volume_lcc")
+LCC_METRICS = ("dice_3d_lcc", "hd95_lcc", "fp_volume_lcc")  # after :func:`largest_component`
+VOLUME_METRICS = ("dice_3d", "hd95", "fp_volume", *LCC_METRICS)
 
 
 def largest_component(pred: np.ndarray) -> np.ndarray:

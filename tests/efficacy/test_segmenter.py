@@ -25,7 +25,7 @@ from efficacy.segmenter import (
     training_steps,
 )
 from imaging.errors import DHVAEError
-from tests.efficacy.toys import toy_case, toy_pairs
+from tests.efficacy.toys import Case, toy_case, toy_pairs
 
 TINY_UNET = SegmenterConfig(channels=(4, 8), strides=(2,), num_res_units=0, batch_size=4, epochs=1)
 
@@ -225,16 +225,9 @@ def test_largest_component_removes_the_false_positives_and_is_reported_beside_th
     assert np.array_equal(largest_component(blob), blob) and not largest_component(~np.ones_like(blob)).any()
 
     image = 0.2 + 0.6 * speck.astype(np.float32)
-    res = evaluate_segmenter(_Bright(), [toy_case_from(image, blob)])
+    res = evaluate_segmenter(_Bright(), [Case("p", image, blob.astype(np.uint8))])  # no affine: voxels
     case = res["per_case"][0]
     assert case["fp_volume"] == 10 and case["fp_volume_lcc"] == 0  # voxels: the case has no affine
     assert case["dice_3d_lcc"] == 1.0 > case["dice_3d"] == pytest.approx(2 * 75 / (85 + 75))
     assert case["hd95_lcc"] == 0.0 < case["hd95"]
     assert {k: res[k] for k in ("dice_3d_lcc", "fp_volume_lcc")} == {"dice_3d_lcc": 1.0, "fp_volume_lcc": 0.0}
-
-
-def toy_case_from(image: np.ndarray, mask: np.ndarray):
-    """A test patient of the given volume and mask, no affine (metrics in voxels)."""
-    case = toy_case("p", 0)
-    case.image, case.mask = image, mask.astype(np.uint8)
-    return case
