@@ -191,7 +191,7 @@ class EvaluationRequest(_Body):
         description="split: one patient split, the method x N x seed grid (test_fraction, n_pairs, "
         "protocols, baselines). crossval: patient-level cross-validation over `folds` folds, the `arms` "
         "against the strong baseline (real slices with online augmentation), a step budget chosen on an "
-        "inner validation (`inner_patients` held-out training patients), paired gains with a patient-bootstrap interval, and a recommendation.",
+        "inner validation (`inner_patients` held-out training patients), paired gains with a patient-bootstrap interval, and a recommendation (its arm and N, and whether to keep only the largest 3D connected component of a prediction, chosen on the same held-out training patients).",
     )
     folds: int = Field(3, ge=2, le=10, description="crossval: folds (every patient is tested once).")
     max_steps: int = Field(

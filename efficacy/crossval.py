@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +65,7 @@ from .online import OnlineAugment
 from .report import json_safe, summarize
 from .segmenter import (
     LCC_METRICS,
+    VOLUME_METRICS,
     LoaderRecipe,
     OnlineTransform,
     PatientSplit,
@@ -79,7 +80,9 @@ log = logging.getLogger(__name__)
 
 CV_METRICS = ("dice_slice", "dice_3d", "hd95", "fp_volume")
 # LCC_METRICS (segmenter): the 3D ones after nnU-Net's post-processing, in the rows since 2026-12-04
-HIGHER_IS_BETTER = ("dice_slice", "dice_3d", "dice_3d_lcc")
+# the 3D Dice after the post-processing each fold chose on its inner split (:func:`choose_postprocessing`)
+POST_METRIC = "dice_3d_post"
+HIGHER_IS_BETTER = ("dice_slice", "dice_3d", "dice_3d_lcc", POST_METRIC)
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,13 @@ def inner_validation_patients(fold: FoldData, cfg: CVConfig) -> list[str]:
     return sorted(train[i] for i in order[:k])
 
 
+def inner_fold(ing: IngestResult, fold: FoldData, val_id: str, cfg: CVConfig) -> FoldData:
+    """The inner split of ``fold`` that holds out its training patient ``val_id``: a fold of its own whose
+    "test" patient is ``val_id`` and whose training patients are the fold's others."""
+    train = tuple(p for p in fold.data.split.train if p != val_id)
+    return fold_data(ing, PatientSplit(train, (val_id,)), fold.index, cfg)
+
+
 def inner_curve(
     ing: IngestResult,
     fold: FoldData,
@@ -292,8 +302,7 @@ def inner_curve(
     ``bench/efficacy/inner_probe.py``). The agreement filter's arms are not probed this way.
     """
     arm = arm or ARMS[REFERENCE]
-    train = fold.data.split.train
-    inner = fold_data(ing, PatientSplit(tuple(p for p in train if p != val_id), (val_id,)), fold.index, cfg)
+    inner = inner_fold(ing, fold, val_id, cfg)
     pairs = None
     if arm.n:
         if arm.filter_dice or pairs_dir is None:
@@ -378,6 +387,78 @@ def choose_budget(
     }
     write_json_atomic(path, out)
     return out
+
+
+def postprocess_path(work_dir: Path, val_id: str) -> Path:
+    """Where a fold's post-processing choice caches its held-out patient ``val_id``'s measurement."""
+    return work_dir / f"postprocess_{val_id}.json"
+
+
+def choose_postprocessing(
+    ing: IngestResult,
+    fold: FoldData,
+    cfg: CVConfig,
+    work_dir: Path,
+    budget: dict[str, Any],
+    device: torch.device | str = "cpu",
+    *,
+    on_inner_run: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Whether ``fold`` keeps only the largest 3D connected component of a prediction (nnU-Net's
+    post-processing), chosen on the inner validation split as the budget is, never on a test patient.
+
+    For each held-out training patient of the budget (``budget["validation_patients"]``), the strong
+    baseline trains on the fold's other training patients for the budget's steps (seed 0: the model its
+    inner curve had at that step) and segments the held-out volume; the fold keeps the largest component
+    when that raises the held-out patients' mean 3D Dice, as nnU-Net keeps a post-processing that
+    improves its cross-validation Dice. Cached as ``postprocess.json`` (each held-out patient's
+    measurement as ``postprocess_<patient>.json``, so a stopped choice resumes). Each measurement also
+    records the slice Dice the budget's curve had at that step (``curve_dice_slice``): on the CPU kind the
+    curve ran on, the two are equal.
+    """
+    path = work_dir / "postprocess.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    held_out: dict[str, dict[str, Any]] = {}
+    at_budget = next(c for c in budget["curve"] if c["step"] == budget["steps"])
+    for val_id in budget["validation_patients"]:
+        cached = postprocess_path(work_dir, val_id)
+        if cached.is_file():
+            held_out[val_id] = json.loads(cached.read_text())
+            continue
+        inner = inner_fold(ing, fold, val_id, cfg)
+        kw, _ = arm_training(ARMS[REFERENCE], inner, None, budget=budget["steps"], cfg=cfg)
+        model = train_segmenter(inner.real_pool, seed=0, **kw, device=device)
+        result = evaluate_segmenter(model, inner.data.test_cases, threshold=cfg.segmenter.threshold)
+        held_out[val_id] = {
+            **{m: result[m] for m in ("dice_slice", *VOLUME_METRICS)},
+            "curve_dice_slice": at_budget[val_id],
+        }
+        write_json_atomic(cached, held_out[val_id])
+        log.info(
+            "post-processing fold %d (%s held out): dice_3d %.3f, largest component %.3f",
+            fold.index,
+            val_id,
+            result["dice_3d"],
+            result["dice_3d_lcc"],
+        )
+        if on_inner_run:
+            on_inner_run()
+    out = {
+        "fold": fold.index,
+        "steps": budget["steps"],
+        **postprocess_choice(held_out.values()),
+        "held_out": held_out,
+    }
+    write_json_atomic(path, out)
+    return out
+
+
+def postprocess_choice(measured: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """nnU-Net's rule on held-out measurements (each with ``dice_3d`` and ``dice_3d_lcc``): keep the
+    largest component when it raises their mean 3D Dice. Returns the two means and the choice."""
+    raw, kept = np.mean([[m["dice_3d"], m["dice_3d_lcc"]] for m in measured], axis=0)
+    return {"dice_3d": float(raw), "dice_3d_lcc": float(kept), "largest_component": bool(kept > raw)}
 
 
 def fold_pairs(
@@ -560,6 +641,8 @@ def restore_work_dir(
             for p in budget["validation_patients"]:
                 _write_if_absent(inner_curve_path(fdir, p), [[c["step"], c[p]] for c in budget["curve"]])
             _write_if_absent(fdir / "budget.json", budget)
+        if chosen := f.get("postprocess"):
+            _write_if_absent(fdir / "postprocess.json", chosen)
     rows_path = work_dir / "rows.jsonl"
     done = {(r["fold"], r["arm"], r["seed"]) for r in read_rows(rows_path)}
     current: list[dict[str, Any]] = []
@@ -660,18 +743,22 @@ def run_crossval(
     before = {(r["fold"], r["arm"], r["seed"]): r for r in read_rows(work_dir / "superseded.jsonl")}
     grid = [(seed, f.index, a) for seed in cfg.seeds for f in folds for a in cfg.arms]
     todo = [] if report_only else [g for g in grid if (g[1], g[2], g[0]) not in done]
-    # the total counts each fold's inner-validation runs too (what the service announces)
+    # the total counts each fold's inner-validation runs too, twice (the budget's curves, then the
+    # post-processing's runs at the budget): what the service announces
     inner = {f.index: inner_validation_patients(f, cfg) for f in folds}
-    total = len(grid) + sum(map(len, inner.values()))
+    total = len(grid) + 2 * sum(map(len, inner.values()))
     have = {f.index for f in folds if (work_dir / f"fold{f.index}" / "budget.json").is_file()}
+    chosen = {f.index for f in folds if (work_dir / f"fold{f.index}" / "postprocess.json").is_file()}
     inner_done = sum(
-        len(p) if i in have else sum(inner_curve_path(work_dir / f"fold{i}", v).is_file() for v in p)
+        (len(p) if i in have else sum(inner_curve_path(work_dir / f"fold{i}", v).is_file() for v in p))
+        + (len(p) if i in chosen else sum(postprocess_path(work_dir / f"fold{i}", v).is_file() for v in p))
         for i, p in inner.items()
     )
     settled = len(grid) - len(todo) + inner_done
     reporter = Reporter("evaluate", total, "runs", progress, should_stop, start=settled)
     reporter.report(settled)
     budgets: dict[int, dict[str, Any]] = {}
+    postprocess: dict[int, dict[str, Any]] = {}  # per fold: keep the largest 3D component? (inner split)
 
     def inner_run_done() -> None:
         nonlocal settled
@@ -682,8 +769,12 @@ def run_crossval(
         if report_only and f.index not in have:
             continue
         reporter.check_cancelled()
-        budgets[f.index] = choose_budget(
-            ing, f, cfg, work_dir / f"fold{f.index}", device, on_inner_run=inner_run_done
+        fdir = work_dir / f"fold{f.index}"
+        budgets[f.index] = choose_budget(ing, f, cfg, fdir, device, on_inner_run=inner_run_done)
+        if report_only and f.index not in chosen:
+            continue
+        postprocess[f.index] = choose_postprocessing(
+            ing, f, cfg, fdir, budgets[f.index], device, on_inner_run=inner_run_done
         )
     with open(rows_path, "a") as sink:
         for seed, i, name in todo:
@@ -727,7 +818,7 @@ def run_crossval(
                 row["dice_slice"],
                 row["dice_3d"],
             )
-    report = summarise(rows, cfg)
+    report = summarise(rows, cfg, postprocess)
     report["folds"] = [
         {
             "fold": f.index,
@@ -736,6 +827,7 @@ def run_crossval(
             "real_pool": len(f.real_pool),
             "tumour_slices": len(f.data.real_train),
             "budget": budgets.get(f.index),
+            "postprocess": postprocess.get(f.index),
             # a fold still choosing its budget: the held-out curves done so far (a new machine resumes them)
             "inner_curves": {
                 v: json.loads(path.read_text())
@@ -800,24 +892,48 @@ def paired_gain(
     }
 
 
-def summarise(rows: Sequence[dict[str, Any]], cfg: CVConfig) -> dict[str, Any]:
-    """Per fold and pooled means per arm, the paired gains against the strong baseline, and the verdict."""
+def with_postprocessing(row: dict[str, Any], keep: bool) -> dict[str, Any]:
+    """``row`` with :data:`POST_METRIC`: its 3D Dice after the post-processing its fold chose on the
+    inner split (``keep``: the largest component's, else the raw one), per patient too. A row measured
+    before the post-processed metrics existed gets none when its fold keeps the largest component."""
+    pick = "dice_3d_lcc" if keep else "dice_3d"
+    if pick not in row:
+        return row
+    cases = [{**c, POST_METRIC: c[pick]} for c in row["per_case"]]
+    return {**row, POST_METRIC: row[pick], "per_case": cases}
+
+
+def summarise(
+    rows: Sequence[dict[str, Any]], cfg: CVConfig, postprocess: dict[int, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Per fold and pooled means per arm, the paired gains against the strong baseline, and the verdict.
+
+    ``postprocess``: each fold's :func:`choose_postprocessing`; its rows then also get
+    :data:`POST_METRIC`, and the recommendation says whether to post-process (the choice of all the
+    folds' held-out patients together)."""
+    postprocess = postprocess or {}
     rows = [r for r in rows if r["arm"] in cfg.arms and r["seed"] in cfg.seeds]
+    measured = [
+        with_postprocessing(r, postprocess[r["fold"]]["largest_component"]) if r["fold"] in postprocess else r
+        for r in rows
+    ]
     table = []
     for name in cfg.arms:
-        mine = [r for r in rows if r["arm"] == name]
+        mine = [r for r in measured if r["arm"] == name]
         if not mine:
             continue
         for fold in sorted({r["fold"] for r in mine}) + ["pooled"]:
             sel = mine if fold == "pooled" else [r for r in mine if r["fold"] == fold]
             entry = {"arm": name, "fold": fold, **{m: summarize([r[m] for r in sel]) for m in CV_METRICS}}
-            entry |= {m: summarize(v) for m in LCC_METRICS if (v := [r[m] for r in sel if m in r])}
+            entry |= {
+                m: summarize(v) for m in (*LCC_METRICS, POST_METRIC) if (v := [r[m] for r in sel if m in r])
+            }
             table.append(entry)
     gains = {
         name: {
             m: g
-            for m in (*CV_METRICS, *LCC_METRICS)
-            if (g := paired_gain(rows, name, m, bootstrap=cfg.bootstrap)) is not None
+            for m in (*CV_METRICS, *LCC_METRICS, POST_METRIC)
+            if (g := paired_gain(measured, name, m, bootstrap=cfg.bootstrap)) is not None
         }
         for name in cfg.arms
         if name != REFERENCE
@@ -849,6 +965,17 @@ def summarise(rows: Sequence[dict[str, Any]], cfg: CVConfig) -> dict[str, Any]:
             "words": "Nothing beats your real data with online augmentation: train on the real cases with "
             "the online augmentation (flips, affine, elastic, contrast, noise) at every step.",
         }
+    if len(postprocess) == cfg.folds:  # every fold chose: one choice over all their held-out patients
+        pooled = postprocess_choice(m for p in postprocess.values() for m in p["held_out"].values())
+        recommendation["postprocess"] = "largest_component" if pooled["largest_component"] else "none"
+        recommendation["words"] += (
+            " Post-process its predictions: keep the largest 3D connected component"
+            if pooled["largest_component"]
+            else " Do not keep only the largest 3D connected component of its predictions: it does not help"
+        ) + (
+            f" (held-out training patients' 3D Dice {100 * pooled['dice_3d']:.1f} % without, "
+            f"{100 * pooled['dice_3d_lcc']:.1f} % with)."
+        )
     seeds_done = sorted({r["seed"] for r in rows})
     expected = len(cfg.arms) * cfg.folds * len(cfg.seeds)
     return {
@@ -936,20 +1063,49 @@ def crossval_markdown(report: dict[str, Any], title: str = "Cross-validated effi
                 f"| {t['arm']} | {t['fold']} | {d['n']} | {pct(d)} | {h['mean']:.1f} +- {h['std']:.1f} "
                 f"| {v['mean']:.2f} +- {v['std']:.2f} |"
             )
-        paired = [(n, g["dice_3d_lcc"]) for n, g in report["gains"].items() if "dice_3d_lcc" in g]
-        if paired:
-            lines += [
-                "",
-                "| arm | runs | patients | dice_3d gain, post-processed | CI | helps |",
-                "|---|---|---|---|---|---|",
-            ]
-            lines += [
-                f"| {n} | {g['runs']} | {g['patients']} | {100 * g['mean_patient_gain']:+.1f} "
-                f"| [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}] | {'yes' if g['helps'] else 'no'} |"
-                for n, g in paired
-            ]
+        lines += _gain_table(report, "dice_3d_lcc", "dice_3d gain, post-processed")
+    chosen = [f["postprocess"] for f in report.get("folds", []) if f.get("postprocess")]
+    if chosen:
+        lines += [
+            "",
+            "Post-processing chosen on the inner split (the strong baseline at the budget, on the held-out "
+            "training patients; nnU-Net's rule: keep the largest 3D component when it raises their mean "
+            "3D Dice):",
+            "",
+            "| fold | held out | 3D Dice (%) | largest component (%) | kept | slice Dice (%), this run / "
+            "the budget's curve |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['fold']} | {', '.join(c['held_out'])} | {100 * c['dice_3d']:.1f} | "
+            f"{100 * c['dice_3d_lcc']:.1f} | {'yes' if c['largest_component'] else 'no'} | "
+            + ", ".join(
+                f"{100 * m['dice_slice']:.2f} / {100 * m['curve_dice_slice']:.2f}"
+                for m in c["held_out"].values()
+            )
+            + " |"
+            for c in chosen
+        ]
+        lines += _gain_table(report, POST_METRIC, "dice_3d gain, post-processed as chosen")
     lines += ["", f"**Recommendation**: {report['recommendation']['words']}", ""]
     return "\n".join(lines)
+
+
+def _gain_table(report: dict[str, Any], metric: str, label: str) -> list[str]:
+    """Markdown lines: each arm's paired gain in ``metric`` with its interval (none if no arm has it)."""
+    paired = [(n, g[metric]) for n, g in report["gains"].items() if metric in g]
+    if not paired:
+        return []
+    return [
+        "",
+        f"| arm | runs | patients | {label} | CI | helps |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {n} | {g['runs']} | {g['patients']} | {100 * g['mean_patient_gain']:+.1f} "
+            f"| [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}] | {'yes' if g['helps'] else 'no'} |"
+            for n, g in paired
+        ),
+    ]
 
 
 def plot_crossval(report: dict[str, Any], path: Path) -> None:

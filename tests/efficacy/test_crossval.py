@@ -8,16 +8,22 @@ import numpy as np
 import pytest
 import torch
 
+import efficacy.crossval as crossval
 from efficacy.crossval import (
     ARMS,
     LCC_METRICS,
+    POST_METRIC,
     REFERENCE,
     CVConfig,
+    choose_budget,
+    choose_postprocessing,
     crossval_markdown,
     fold_data,
     inner_curve_path,
     make_folds,
     paired_gain,
+    postprocess_choice,
+    postprocess_path,
     remeasure,
     restore_arm_curves,
     restore_work_dir,
@@ -202,6 +208,8 @@ def test_crossval_end_to_end_resumes(cohort, tmp_path, monkeypatch):
         b = f["budget"]
         assert len(b["validation_patients"]) == 1  # 2 training patients: one can be held out
         assert set(b["validation_patients"]) <= set(f["train"]) and b["steps"] in (2, 4)
+        assert list(f["postprocess"]["held_out"]) == b["validation_patients"]  # chosen on the same patients
+    assert report["recommendation"]["postprocess"] in ("largest_component", "none")
     again = run_crossval(cohort, cfg, tmp_path)  # nothing left to run: the same rows
     assert again["runs_done"] == 12 and len((tmp_path / "rows.jsonl").read_text().splitlines()) == 12
     write_crossval(again, tmp_path / "out")
@@ -418,3 +426,83 @@ def test_a_probe_report_restores_the_arms_curves_whose_settings_still_hold(tmp_p
         tmp_path / "fold0", "p1", REFERENCE
     ).exists()  # the budget's: cv.py restores it
     assert restore_arm_curves({"rows": rows, "arms": settings}, tmp_path) == []  # nothing written twice
+
+
+def test_the_post_processing_rule_keeps_the_largest_component_only_when_it_raises_the_3d_dice():
+    raises = [{"dice_3d": 0.6, "dice_3d_lcc": 0.7}, {"dice_3d": 0.8, "dice_3d_lcc": 0.75}]
+    assert postprocess_choice(raises) == pytest.approx(
+        {"dice_3d": 0.7, "dice_3d_lcc": 0.725, "largest_component": True}
+    )
+    assert not postprocess_choice([{"dice_3d": 0.6, "dice_3d_lcc": 0.6}])["largest_component"]  # a tie
+    assert not postprocess_choice([{"dice_3d": 0.6, "dice_3d_lcc": 0.5}])["largest_component"]
+
+
+def test_the_post_processing_is_chosen_on_the_held_out_training_patients(cohort, tmp_path, monkeypatch):
+    """The strong baseline at the budget, on each held-out training patient: the test patient is never
+    segmented, the run is the one the budget's curve had at that step, and the choice is cached."""
+    from efficacy.segmenter import PatientSplit
+
+    ids = sorted(c.case_id for c in cohort.slices.cases)
+    cfg = CVConfig(inner_patients=2, max_steps=4, eval_every=2, segmenter=TINY_UNET)
+    fold = fold_data(cohort, PatientSplit(tuple(ids[:3]), (ids[3],)), 0, cfg)
+    budget = choose_budget(cohort, fold, cfg, tmp_path)
+    segmented = []
+    real_evaluate = crossval.evaluate_segmenter
+
+    def spy(model, cases, **kw):
+        segmented.extend(c.case_id for c in cases)
+        return real_evaluate(model, cases, **kw)
+
+    monkeypatch.setattr("efficacy.crossval.evaluate_segmenter", spy)
+    calls = []
+    chosen = choose_postprocessing(cohort, fold, cfg, tmp_path, budget, on_inner_run=lambda: calls.append(1))
+    held = budget["validation_patients"]
+    assert segmented == held and ids[3] not in segmented and len(calls) == 2
+    assert list(chosen["held_out"]) == held and chosen["steps"] == budget["steps"]
+    for m in chosen["held_out"].values():
+        assert m["dice_slice"] == m["curve_dice_slice"]  # the curve's model at the budget, reproduced
+        assert {"dice_3d", "dice_3d_lcc", "fp_volume_lcc"} <= set(m)
+    assert chosen["largest_component"] == (chosen["dice_3d_lcc"] > chosen["dice_3d"])
+
+    def no_training(*a, **k):
+        raise AssertionError("a cached choice was trained again")
+
+    monkeypatch.setattr("efficacy.crossval.train_segmenter", no_training)
+    assert choose_postprocessing(cohort, fold, cfg, tmp_path, budget) == chosen
+    (tmp_path / "postprocess.json").unlink()  # stopped after both held-out runs: they resume from cache
+    assert postprocess_path(tmp_path, held[0]).is_file()
+    assert choose_postprocessing(cohort, fold, cfg, tmp_path, budget) == chosen
+
+
+def test_the_report_pairs_the_3d_dice_each_fold_post_processed_as_chosen():
+    rows = []
+    for fold, cases in ((0, ["a", "b"]), (1, ["c", "d"])):
+        for arm, lcc in ((REFERENCE, 0.0), ("insert", 0.1)):
+            r = _row(fold, arm, 0, 0.70, [(c, 0.0) for c in cases])
+            for m in (r, *r["per_case"]):
+                m |= {"dice_3d_lcc": m["dice_3d"] + lcc, "hd95_lcc": 1.0, "fp_volume_lcc": 0.0}
+            rows.append(r)
+    held_out = {
+        0: {"a": {"dice_3d": 0.5, "dice_3d_lcc": 0.6}},
+        1: {"c": {"dice_3d": 0.6, "dice_3d_lcc": 0.55}},
+    }
+    chose = {
+        i: {"fold": i, **postprocess_choice(h.values()), "held_out": h, "steps": 4}
+        for i, h in held_out.items()
+    }
+    assert [c["largest_component"] for c in chose.values()] == [True, False]
+    cfg = CVConfig(arms=(REFERENCE, "insert"), seeds=(0,), folds=2)
+    report = summarise(rows, cfg, chose)
+    g = report["gains"]["insert"][POST_METRIC]
+    assert g["mean_run_gain"] == pytest.approx(0.05)  # +0.1 on the fold that keeps it, 0 on the other
+    assert POST_METRIC not in report["rows"][0]  # the report's rows stay as they ran
+    # both folds' held-out patients together: 0.55 without, 0.575 with
+    assert report["recommendation"]["postprocess"] == "largest_component"
+    assert "keep the largest 3D connected component" in report["recommendation"]["words"]
+    for c in chose.values():
+        for m in c["held_out"].values():
+            m |= {"dice_slice": 0.7, "curve_dice_slice": 0.7}
+    split = {"train": ["b"], "test": ["a"], "tumour_slices": 8, "real_pool": 10}
+    report["folds"] = [{"fold": i, **split, "postprocess": c} for i, c in chose.items()]
+    assert "post-processed as chosen" in crossval_markdown(report)
+    assert POST_METRIC not in summarise(rows, cfg)["gains"]["insert"]  # no choice made: no such gain
