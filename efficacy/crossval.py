@@ -858,10 +858,15 @@ def paired_gain(
 
     Per patient, the gain is the mean over seeds of (arm - reference) on that patient's own score
     (``per_case``); the bootstrap resamples patients with replacement. Only pairs whose two rows both
-    measured ``metric`` count (older rows lack the post-processed ones). None when no pair exists.
+    measured ``metric`` count (older rows lack the post-processed ones), and ran on the same kind of CPU
+    (``cpu_flags``): a seed is a pair's shared randomness only there, since a run drifts across CPU kinds
+    as much as across seeds (``cross_cpu_pairs`` counts the pairs left out). None when no pair exists.
     """
     by = {(r["fold"], r["seed"], r["arm"]): r for r in rows if metric in r}
-    pairs = [(k[0], k[1]) for k in by if k[2] == arm and (k[0], k[1], reference) in by]
+    both = [(k[0], k[1]) for k in by if k[2] == arm and (k[0], k[1], reference) in by]
+    pairs = [
+        (f, s) for f, s in both if by[(f, s, arm)].get("cpu_flags") == by[(f, s, reference)].get("cpu_flags")
+    ]
     if not pairs:
         return None
     run_diffs = [by[(f, s, arm)][metric] - by[(f, s, reference)][metric] for f, s in pairs]
@@ -885,6 +890,7 @@ def paired_gain(
     return {
         "mean_run_gain": float(np.mean(run_diffs)),
         "runs": len(run_diffs),
+        "cross_cpu_pairs": len(both) - len(pairs),
         "mean_patient_gain": float(gains.mean()) if len(gains) else float("nan"),
         "patients": len(gains),
         "ci95": [lo, hi],
@@ -1047,6 +1053,16 @@ def crossval_markdown(report: dict[str, Any], title: str = "Cross-validated effi
             f"| {100 * d['mean_patient_gain']:+.1f} | [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] "
             f"| {'yes' if d['helps'] else 'no'} |"
         )
+    apart = {
+        n: g["dice_slice"].get("cross_cpu_pairs", 0) for n, g in report["gains"].items() if "dice_slice" in g
+    }
+    if any(apart.values()):
+        lines += [
+            "",
+            "Pairs left out because their two runs ran on different kinds of CPU: "
+            + ", ".join(f"{n} {k}" for n, k in apart.items() if k)
+            + ".",
+        ]
     lcc = [t for t in report["table"] if "dice_3d_lcc" in t]
     if lcc:
         lines += [

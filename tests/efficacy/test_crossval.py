@@ -144,6 +144,15 @@ def test_paired_gain_and_the_recommendation():
     assert g["mean_patient_gain"] == pytest.approx(0.05)  # 0.04 + mean(0, 0.02, 0, 0.02)
     assert 0.04 - 1e-9 <= g["ci95"][0] <= g["ci95"][1] <= 0.06 + 1e-9 and g["helps"]
     assert not paired_gain(rows, "real", "dice_slice")["helps"]
+    # a pair whose two runs ran on different kinds of CPU does not count (a seed is shared only on one kind)
+    moved = [
+        {**r, "cpu_flags": ["avx2"]} if (r["arm"], r["fold"], r["seed"]) == ("insert", 0, 1) else r
+        for r in rows
+    ]
+    g1 = paired_gain(moved, "insert", "dice_slice")
+    assert g1["runs"] == 3 and g1["cross_cpu_pairs"] == 1 and g["cross_cpu_pairs"] == 0
+    moved_report = summarise(moved, CVConfig(arms=("real", REFERENCE, "insert"), seeds=(0, 1), folds=2))
+    assert "different kinds of CPU: insert 1." in crossval_markdown(moved_report)
     report = summarise(rows, CVConfig(arms=("real", REFERENCE, "insert"), seeds=(0, 1), folds=2))
     assert (
         report["recommendation"]["arm"] == "insert"
