@@ -144,6 +144,7 @@ Arm = Literal[
     "insert_online",
     "insert_online_unscaled",
     "insert_online_tumour",
+    "insert_online_tumour_dhvae",
     "insert_online_p25",
     "insert_healthy",
     "dhvae",

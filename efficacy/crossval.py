@@ -94,7 +94,9 @@ class Arm:
     the probability that a slice of a batch receives a real tumour of the training patients in the
     loader (TumorCP's online copy-paste); ``insert_match``: its intensity match (``InsertConfig.match``);
     ``online_recipients``: which batch slices may receive one (``InsertConfig.recipients``: "tumour"
-    leaves the tumour-free slices clean negatives).
+    leaves the tumour-free slices clean negatives); ``online_donors``: where the pasted tumours come from,
+    the training patients' real tumour slices or pairs of the dHVAE fitted on those patients
+    (:func:`online_donors`: the dHVAE's new shapes and textures against real copy-paste).
     ``pretrain_fraction``: the share of the budget spent on
     synthetic pairs alone before the mixed batches (synthetic pretraining, then real fine-tuning).
     """
@@ -106,6 +108,7 @@ class Arm:
     online_insert: float = 0.0
     insert_match: Literal["ring", "none"] = "ring"
     online_recipients: Literal["any", "tumour"] = "any"
+    online_donors: Literal["real", "dhvae"] = "real"
     real_fraction: float | None = 0.75
     synthetic_weight: float = 1.0
     pretrain_fraction: float = 0.0
@@ -118,11 +121,24 @@ class Arm:
             raise DHVAEError(f"arm {self.name}: unknown pair source {self.method!r}")
         if (self.method == "none") != (self.n == 0):
             raise DHVAEError(f"arm {self.name}: offline pairs need a method and N > 0 together")
+        if self.online_donors != "real" and not self.online_insert:
+            raise DHVAEError(f"arm {self.name}: donors of an online insertion need online_insert > 0")
 
     @property
     def inserts(self) -> bool:
         """Whether its pairs or its loader paste tumours (:mod:`models.insert`)."""
         return self.method.startswith("insert") or self.online_insert > 0
+
+    def recipe(self) -> str:
+        """The recipe in words, for a recommendation: its pairs and what its loader pastes."""
+        parts = [f"{self.n} {self.method} pairs"] if self.n else []
+        if self.online_insert:
+            where = "the slices that carry a tumour" if self.online_recipients == "tumour" else "any slice"
+            parts.append(
+                f"{'dHVAE-generated' if self.online_donors == 'dhvae' else 'real'} tumours pasted into "
+                f"{where} of each batch with probability {self.online_insert:g} while the U-Net trains"
+            )
+        return ", ".join(parts) or "the real slices only"
 
     def settings(self) -> dict[str, Any]:
         """What a row records of its recipe (with the insertion's version, for the arms that insert)."""
@@ -138,6 +154,7 @@ class Arm:
 
 
 PAIR_SOURCES = ("none", *GENERATORS, "insert_dhvae")
+DHVAE_DONORS = 500  # dHVAE pairs an online insertion draws its tumours from (the dhvae arm's N: one draw)
 
 REFERENCE = "real_aug"  # the strong baseline
 ARMS: dict[str, Arm] = {
@@ -153,6 +170,10 @@ ARMS: dict[str, Arm] = {
         Arm("insert_online_unscaled", online_insert=0.5, insert_match="none"),
         # ... into the slices that carry a tumour already: the tumour-free ones stay clean negatives
         Arm("insert_online_tumour", online_insert=0.5, online_recipients="tumour"),
+        # ... with dHVAE-generated tumours instead of real ones: does the generator add to copy-paste?
+        Arm(
+            "insert_online_tumour_dhvae", online_insert=0.5, online_recipients="tumour", online_donors="dhvae"
+        ),
         # ... with half TumorCP's paste probability: fewer pasted tumours for the U-Net to over-learn
         Arm("insert_online_p25", online_insert=0.25),
         Arm("insert_healthy", method="insert_healthy", n=500),  # ... into tumour-free slices only
@@ -297,8 +318,8 @@ def inner_curve(
     """``arm`` (default: the strong baseline) trained on ``fold``'s training patients but ``val_id``, and
     its slice Dice on ``val_id`` every ``cfg.eval_every`` steps up to ``cfg.max_steps``: [(step, dice), ...].
 
-    An arm with offline pairs draws them from those inner training patients only (cached under
-    ``pairs_dir``), so a recipe's settings can be chosen without a test patient (the arm probe of
+    An arm with offline pairs (or generated donors) draws them from those inner training patients only
+    (cached under ``pairs_dir``), so a recipe's settings can be chosen without a test patient (the arm probe of
     ``bench/efficacy/inner_probe.py``). The agreement filter's arms are not probed this way.
     """
     arm = arm or ARMS[REFERENCE]
@@ -308,6 +329,9 @@ def inner_curve(
         if arm.filter_dice or pairs_dir is None:
             raise DHVAEError(f"arm {arm.name}: an inner curve needs unfiltered pairs and a folder for them")
         pairs = fold_pairs(arm.method, arm.n, inner, cfg, pairs_dir, device=device)
+    if arm.online_donors != "real" and pairs_dir is None:
+        raise DHVAEError(f"arm {arm.name}: an inner curve needs a folder for its generated donors")
+    donors = online_donors(arm, inner, cfg, pairs_dir, device=device)
     curve: list[tuple[int, float]] = []
 
     def validate(step: int, model: torch.nn.Module) -> None:
@@ -317,7 +341,7 @@ def inner_curve(
             model.train()
             log.info("budget fold %d (%s held out): step %d val dice %.3f", fold.index, val_id, step, dice)
 
-    kw, _ = arm_training(arm, inner, pairs, budget=cfg.max_steps, cfg=cfg)
+    kw, _ = arm_training(arm, inner, pairs, budget=cfg.max_steps, cfg=cfg, donors=donors)
     train_segmenter(inner.real_pool, seed=0, **kw, on_step=validate, device=device)
     return curve
 
@@ -503,6 +527,36 @@ def fold_pairs(
     )
 
 
+def online_donors(
+    arm: Arm,
+    fold: FoldData,
+    cfg: CVConfig,
+    work_dir: Path | None,
+    *,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    device: torch.device | str = "cpu",
+) -> np.ndarray | None:
+    """The pairs ``arm``'s loader cuts its pasted tumours from: the fold's real tumour slices, or
+    ``DHVAE_DONORS`` pairs of the dHVAE fitted on the fold's training patients only (``arm.online_donors``;
+    :func:`fold_pairs` caches them, the ``dhvae`` arm's draw). None for an arm that pastes nothing."""
+    if not arm.online_insert:
+        return None
+    if arm.online_donors == "real":
+        return fold.data.real_train
+    assert work_dir is not None, "generated donors are cached in the fold's folder"
+    return fold_pairs(
+        arm.online_donors,
+        DHVAE_DONORS,
+        fold,
+        cfg,
+        work_dir,
+        progress=progress,
+        should_stop=should_stop,
+        device=device,
+    )
+
+
 def agreement_filter(
     pairs: np.ndarray,
     n: int,
@@ -563,14 +617,23 @@ def agreement_filter(
 
 
 def arm_training(
-    arm: Arm, fold: FoldData, pairs: np.ndarray | None, *, budget: int, cfg: CVConfig
+    arm: Arm,
+    fold: FoldData,
+    pairs: np.ndarray | None,
+    *,
+    budget: int,
+    cfg: CVConfig,
+    donors: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], int]:
     """How a U-Net of ``arm`` trains on ``fold``: :func:`train_segmenter`'s keyword arguments (the
-    online transforms, the loader recipe, the protocol and the budget), and the run's step count."""
+    online transforms, the loader recipe, the protocol and the budget), and the run's step count.
+    ``donors``: the pairs an arm with an online insertion pastes tumours from (:func:`online_donors`)."""
     online: list[OnlineTransform] = []
     if arm.online_insert > 0:
+        if donors is None:
+            raise DHVAEError(f"arm {arm.name}: its online insertion needs donors (online_donors)")
         paste = InsertConfig(match=arm.insert_match, recipients=arm.online_recipients)
-        online.append(OnlineInsert(fold.data.real_train, p=arm.online_insert, cfg=paste))
+        online.append(OnlineInsert(donors, p=arm.online_insert, cfg=paste))
     if arm.online_aug:
         online.append(OnlineAugment())
     n_all = len(fold.real_pool) + (0 if pairs is None else len(pairs))
@@ -601,9 +664,10 @@ def run_arm(
     budget: int,
     cfg: CVConfig,
     device: torch.device | str = "cpu",
+    donors: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Train one U-Net of ``arm`` on the fold and test it on the fold's test patients."""
-    kw, steps = arm_training(arm, fold, pairs, budget=budget, cfg=cfg)
+    kw, steps = arm_training(arm, fold, pairs, budget=budget, cfg=cfg, donors=donors)
     model = train_segmenter(fold.real_pool, seed=seed, **kw, device=device)
     result = evaluate_segmenter(model, fold.data.test_cases, threshold=cfg.segmenter.threshold)
     return {
@@ -799,7 +863,12 @@ def run_crossval(
                     pairs, agreement = agreement_filter(
                         pairs, arm.n, fold, arm, cfg, fdir, budget=budgets[i]["steps"], device=device
                     )
-            row = run_arm(arm, fold, pairs, seed=seed, budget=budgets[i]["steps"], cfg=cfg, device=device)
+            donors = online_donors(
+                arm, fold, cfg, fdir, progress=progress, should_stop=should_stop, device=device
+            )
+            row = run_arm(
+                arm, fold, pairs, seed=seed, budget=budgets[i]["steps"], cfg=cfg, device=device, donors=donors
+            )
             if agreement:
                 row["agreement"] = agreement
             if old := before.get((i, name, seed)):  # a rerun (remeasure): what the first run measured
@@ -959,7 +1028,9 @@ def summarise(
             "n": arm.n,
             "gain_points": 100 * g["mean_patient_gain"],
             "ci95_points": [100 * x for x in g["ci95"]],
-            "words": f"{best} ({arm.method}, N = {arm.n}) beats your real data with online augmentation by "
+            "online_insert": arm.online_insert,
+            "online_donors": arm.online_donors if arm.online_insert else None,
+            "words": f"{best} ({arm.recipe()}) beats your real data with online augmentation by "
             f"{100 * g['mean_patient_gain']:+.1f} slice-Dice points (95 % CI {100 * g['ci95'][0]:+.1f} to "
             f"{100 * g['ci95'][1]:+.1f}).",
         }

@@ -158,6 +158,15 @@ def test_paired_gain_and_the_recommendation():
         report["recommendation"]["arm"] == "insert"
         and "beats your real data" in report["recommendation"]["words"]
     )
+    assert report["recommendation"]["words"].startswith("insert (500 insert pairs) beats")
+    # an online recipe is said as the training recipe it is, with its tumours' source
+    online = [{**r, "arm": "insert_online_tumour_dhvae"} if r["arm"] == "insert" else r for r in rows]
+    said = summarise(online, CVConfig(arms=(REFERENCE, "insert_online_tumour_dhvae"), seeds=(0, 1), folds=2))
+    assert said["recommendation"]["online_donors"] == "dhvae" and said["recommendation"]["n"] == 0
+    assert (
+        "dHVAE-generated tumours pasted into the slices that carry a tumour"
+        in said["recommendation"]["words"]
+    )
     flat = summarise(
         [r for r in rows if r["arm"] != "insert"], CVConfig(arms=("real", REFERENCE), seeds=(0, 1), folds=2)
     )
@@ -515,3 +524,64 @@ def test_the_report_pairs_the_3d_dice_each_fold_post_processed_as_chosen():
     report["folds"] = [{"fold": i, **split, "postprocess": c} for i, c in chose.items()]
     assert "post-processed as chosen" in crossval_markdown(report)
     assert POST_METRIC not in summarise(rows, cfg)["gains"]["insert"]  # no choice made: no such gain
+
+
+def test_an_online_insertion_with_dhvae_donors_pastes_tumours_of_a_dhvae_fitted_on_the_inner_patients(
+    cohort, tmp_path, monkeypatch
+):
+    """``insert_online_tumour_dhvae``: the loader pastes tumours cut from pairs of a dHVAE fitted on the
+    training patients the curve trains on (never the held-out one), drawn once and cached; the real
+    copy-paste arms keep the fold's real tumour slices, and an arm that pastes nothing has no donors."""
+    from efficacy.crossval import DHVAE_DONORS, cached_inner_curve, online_donors
+    from efficacy.segmenter import PatientSplit
+    from models.insert import OnlineInsert
+
+    ids = sorted(c.case_id for c in cohort.slices.cases)
+    cfg = CVConfig(max_steps=2, eval_every=2, segmenter=TINY_UNET)
+    fold = fold_data(cohort, PatientSplit(tuple(ids[:3]), (ids[3],)), 0, cfg)
+    held = ids[0]
+    fitted_on: list[tuple[str, ...]] = []
+
+    def fake_dhvae(method, data, ecfg, work_dir, **kw):  # the fold's tumour slices, marked
+        fitted_on.append(tuple(data.split.train))
+        assert method == "dhvae" and ecfg.n_synthetic == (DHVAE_DONORS,)
+        pairs = np.resize(data.real_train, (DHVAE_DONORS, *data.real_train.shape[1:])).copy()
+        pairs[:, 0] = np.where(pairs[:, 1] > 0.5, 0.123, pairs[:, 0])
+        pairs_path(work_dir, method).parent.mkdir(parents=True, exist_ok=True)
+        np.save(pairs_path(work_dir, method), pairs)  # where synthetic_pairs caches its draw
+        return pairs
+
+    donors_seen: list[np.ndarray] = []
+
+    def spy_training(pool, *, online, **kw):
+        donors_seen.append(next(t for t in online if isinstance(t, OnlineInsert)).donors)
+        return train_segmenter(pool, online=online, **kw)
+
+    monkeypatch.setattr("efficacy.crossval.synthetic_pairs", fake_dhvae)
+    monkeypatch.setattr("efficacy.crossval.train_segmenter", spy_training)
+    arm = cfg.arm("insert_online_tumour_dhvae")
+    assert (arm.online_recipients, arm.online_insert) == (
+        "tumour",
+        ARMS["insert_online_tumour"].online_insert,
+    )
+    curve = cached_inner_curve(cohort, fold, arm, held, cfg, tmp_path)
+    assert [s for s, _ in curve] == [2]
+    assert fitted_on == [tuple(ids[1:3])]  # neither the held-out nor the test patient
+    (donors,) = donors_seen
+    assert len(donors) and np.all(donors[:, 0][donors[:, 1] > 0.5] == np.float32(0.123))
+    # the draw is cached in the held-out patient's pair folder: a second call fits nothing
+    again = online_donors(
+        arm,
+        fold_data(cohort, PatientSplit(tuple(ids[1:3]), (held,)), 0, cfg),
+        cfg,
+        tmp_path / f"inner_pairs_{held}",
+    )
+    assert fitted_on == [tuple(ids[1:3])] and len(again) == DHVAE_DONORS
+    # the real copy-paste arms paste the fold's own tumour slices; the others paste nothing
+    real = online_donors(cfg.arm("insert_online_tumour"), fold, cfg, None)
+    np.testing.assert_array_equal(real, fold.data.real_train)
+    assert online_donors(cfg.arm(REFERENCE), fold, cfg, None) is None
+    with pytest.raises(DHVAEError, match="needs donors"):
+        crossval.arm_training(arm, fold, None, budget=2, cfg=cfg)
+    with pytest.raises(DHVAEError, match="online_insert > 0"):
+        crossval.Arm("x", online_donors="dhvae")
