@@ -145,6 +145,7 @@ Arm = Literal[
     "insert_online_unscaled",
     "insert_online_tumour",
     "insert_online_tumour_dhvae",
+    "insert_online_tumour_dhvae_lcc",
     "insert_online_p25",
     "insert_healthy",
     "dhvae",

@@ -72,6 +72,7 @@ from .segmenter import (
     SegmenterConfig,
     TrainingProtocol,
     evaluate_segmenter,
+    largest_component,
     train_segmenter,
     training_steps,
 )
@@ -96,7 +97,9 @@ class Arm:
     ``online_recipients``: which batch slices may receive one (``InsertConfig.recipients``: "tumour"
     leaves the tumour-free slices clean negatives); ``online_donors``: where the pasted tumours come from,
     the training patients' real tumour slices or pairs of the dHVAE fitted on those patients
-    (:func:`online_donors`: the dHVAE's new shapes and textures against real copy-paste).
+    (:func:`online_donors`: the dHVAE's new shapes and textures against real copy-paste);
+    ``donor_largest_component``: each donor's mask cut to its largest connected component first (the
+    `small` dHVAE's masks carry specks around the tumour).
     ``pretrain_fraction``: the share of the budget spent on
     synthetic pairs alone before the mixed batches (synthetic pretraining, then real fine-tuning).
     """
@@ -109,6 +112,7 @@ class Arm:
     insert_match: Literal["ring", "none"] = "ring"
     online_recipients: Literal["any", "tumour"] = "any"
     online_donors: Literal["real", "dhvae"] = "real"
+    donor_largest_component: bool = False
     real_fraction: float | None = 0.75
     synthetic_weight: float = 1.0
     pretrain_fraction: float = 0.0
@@ -121,7 +125,7 @@ class Arm:
             raise DHVAEError(f"arm {self.name}: unknown pair source {self.method!r}")
         if (self.method == "none") != (self.n == 0):
             raise DHVAEError(f"arm {self.name}: offline pairs need a method and N > 0 together")
-        if self.online_donors != "real" and not self.online_insert:
+        if (self.online_donors != "real" or self.donor_largest_component) and not self.online_insert:
             raise DHVAEError(f"arm {self.name}: donors of an online insertion need online_insert > 0")
 
     @property
@@ -134,8 +138,9 @@ class Arm:
         parts = [f"{self.n} {self.method} pairs"] if self.n else []
         if self.online_insert:
             where = "the slices that carry a tumour" if self.online_recipients == "tumour" else "any slice"
+            kept = " (each mask's largest component)" if self.donor_largest_component else ""
             parts.append(
-                f"{'dHVAE-generated' if self.online_donors == 'dhvae' else 'real'} tumours pasted into "
+                f"{'dHVAE-generated' if self.online_donors == 'dhvae' else 'real'} tumours{kept} pasted into "
                 f"{where} of each batch with probability {self.online_insert:g} while the U-Net trains"
             )
         return ", ".join(parts) or "the real slices only"
@@ -173,6 +178,14 @@ ARMS: dict[str, Arm] = {
         # ... with dHVAE-generated tumours instead of real ones: does the generator add to copy-paste?
         Arm(
             "insert_online_tumour_dhvae", online_insert=0.5, online_recipients="tumour", online_donors="dhvae"
+        ),
+        # ... each generated mask cut to its largest component (the dHVAE's masks carry specks)
+        Arm(
+            "insert_online_tumour_dhvae_lcc",
+            online_insert=0.5,
+            online_recipients="tumour",
+            online_donors="dhvae",
+            donor_largest_component=True,
         ),
         # ... with half TumorCP's paste probability: fewer pasted tumours for the U-Net to over-learn
         Arm("insert_online_p25", online_insert=0.25),
@@ -539,22 +552,27 @@ def online_donors(
 ) -> np.ndarray | None:
     """The pairs ``arm``'s loader cuts its pasted tumours from: the fold's real tumour slices, or
     ``DHVAE_DONORS`` pairs of the dHVAE fitted on the fold's training patients only (``arm.online_donors``;
-    :func:`fold_pairs` caches them, the ``dhvae`` arm's draw). None for an arm that pastes nothing."""
+    :func:`fold_pairs` caches them, the ``dhvae`` arm's draw), each mask cut to its largest connected
+    component where ``arm.donor_largest_component``. None for an arm that pastes nothing."""
     if not arm.online_insert:
         return None
     if arm.online_donors == "real":
-        return fold.data.real_train
-    assert work_dir is not None, "generated donors are cached in the fold's folder"
-    return fold_pairs(
-        arm.online_donors,
-        DHVAE_DONORS,
-        fold,
-        cfg,
-        work_dir,
-        progress=progress,
-        should_stop=should_stop,
-        device=device,
-    )
+        donors = fold.data.real_train
+    else:
+        assert work_dir is not None, "generated donors are cached in the fold's folder"
+        donors = fold_pairs(
+            arm.online_donors,
+            DHVAE_DONORS,
+            fold,
+            cfg,
+            work_dir,
+            progress=progress,
+            should_stop=should_stop,
+            device=device,
+        )
+    if arm.donor_largest_component:
+        donors = np.stack([donors[:, 0], [largest_component(m > 0.5) for m in donors[:, 1]]], axis=1)
+    return donors.astype(np.float32, copy=False)
 
 
 def agreement_filter(

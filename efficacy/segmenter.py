@@ -415,7 +415,7 @@ VOLUME_METRICS = ("dice_3d", "hd95", "fp_volume", *LCC_METRICS)
 
 def largest_component(pred: np.ndarray) -> np.ndarray:
     """nnU-Net's post-processing of a binary 3D prediction: keep its largest connected component (full
-    connectivity), drop the rest. ``(H, W, D)`` bool -> ``(H, W, D)`` bool."""
+    connectivity), drop the rest. ``(H, W, D)`` bool -> ``(H, W, D)`` bool (a 2D ``(H, W)`` mask alike)."""
     from monai.transforms import KeepLargestConnectedComponent
 
     keep = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False)

@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 import efficacy.crossval as crossval
 from efficacy.crossval import (
@@ -577,6 +578,18 @@ def test_an_online_insertion_with_dhvae_donors_pastes_tumours_of_a_dhvae_fitted_
         tmp_path / f"inner_pairs_{held}",
     )
     assert fitted_on == [tuple(ids[1:3])] and len(again) == DHVAE_DONORS
+    # the _lcc arm cuts each generated mask to its largest component: a speck far from the tumour goes
+    specked = np.load(pairs_path(tmp_path / f"inner_pairs_{held}", "dhvae"))
+    specked[:, 1, 0, 0] = 1.0
+    np.save(pairs_path(tmp_path / f"inner_pairs_{held}", "dhvae"), specked)
+    inner = fold_data(cohort, PatientSplit(tuple(ids[1:3]), (held,)), 0, cfg)
+    kept = online_donors(
+        cfg.arm("insert_online_tumour_dhvae_lcc"), inner, cfg, tmp_path / f"inner_pairs_{held}"
+    )
+    assert kept.dtype == np.float32 and np.all(kept[:, 1, 0, 0] == 0) and set(np.unique(kept[:, 1])) <= {0, 1}
+    assert all(ndimage.label(m)[1] == 1 for m in kept[:, 1] if m.any())
+    np.testing.assert_array_equal(kept[:, 0], specked[:, 0])  # the images are not touched
+    assert "largest component" in cfg.arm("insert_online_tumour_dhvae_lcc").recipe()
     # the real copy-paste arms paste the fold's own tumour slices; the others paste nothing
     real = online_donors(cfg.arm("insert_online_tumour"), fold, cfg, None)
     np.testing.assert_array_equal(real, fold.data.real_train)
@@ -585,3 +598,5 @@ def test_an_online_insertion_with_dhvae_donors_pastes_tumours_of_a_dhvae_fitted_
         crossval.arm_training(arm, fold, None, budget=2, cfg=cfg)
     with pytest.raises(DHVAEError, match="online_insert > 0"):
         crossval.Arm("x", online_donors="dhvae")
+    with pytest.raises(DHVAEError, match="online_insert > 0"):
+        crossval.Arm("x", donor_largest_component=True)
