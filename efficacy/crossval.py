@@ -342,8 +342,6 @@ def inner_curve(
         if arm.filter_dice or pairs_dir is None:
             raise DHVAEError(f"arm {arm.name}: an inner curve needs unfiltered pairs and a folder for them")
         pairs = fold_pairs(arm.method, arm.n, inner, cfg, pairs_dir, device=device)
-    if arm.online_donors != "real" and pairs_dir is None:
-        raise DHVAEError(f"arm {arm.name}: an inner curve needs a folder for its generated donors")
     donors = online_donors(arm, inner, cfg, pairs_dir, device=device)
     curve: list[tuple[int, float]] = []
 
@@ -559,7 +557,8 @@ def online_donors(
     if arm.online_donors == "real":
         donors = fold.data.real_train
     else:
-        assert work_dir is not None, "generated donors are cached in the fold's folder"
+        if work_dir is None:
+            raise DHVAEError(f"arm {arm.name}: its generated donors need a folder to be cached in")
         donors = fold_pairs(
             arm.online_donors,
             DHVAE_DONORS,

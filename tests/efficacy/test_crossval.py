@@ -571,18 +571,13 @@ def test_an_online_insertion_with_dhvae_donors_pastes_tumours_of_a_dhvae_fitted_
     (donors,) = donors_seen
     assert len(donors) and np.all(donors[:, 0][donors[:, 1] > 0.5] == np.float32(0.123))
     # the draw is cached in the held-out patient's pair folder: a second call fits nothing
-    again = online_donors(
-        arm,
-        fold_data(cohort, PatientSplit(tuple(ids[1:3]), (held,)), 0, cfg),
-        cfg,
-        tmp_path / f"inner_pairs_{held}",
-    )
+    inner = crossval.inner_fold(cohort, fold, held, cfg)
+    again = online_donors(arm, inner, cfg, tmp_path / f"inner_pairs_{held}")
     assert fitted_on == [tuple(ids[1:3])] and len(again) == DHVAE_DONORS
     # the _lcc arm cuts each generated mask to its largest component: a speck far from the tumour goes
     specked = np.load(pairs_path(tmp_path / f"inner_pairs_{held}", "dhvae"))
     specked[:, 1, 0, 0] = 1.0
     np.save(pairs_path(tmp_path / f"inner_pairs_{held}", "dhvae"), specked)
-    inner = fold_data(cohort, PatientSplit(tuple(ids[1:3]), (held,)), 0, cfg)
     kept = online_donors(
         cfg.arm("insert_online_tumour_dhvae_lcc"), inner, cfg, tmp_path / f"inner_pairs_{held}"
     )
@@ -594,6 +589,8 @@ def test_an_online_insertion_with_dhvae_donors_pastes_tumours_of_a_dhvae_fitted_
     real = online_donors(cfg.arm("insert_online_tumour"), fold, cfg, None)
     np.testing.assert_array_equal(real, fold.data.real_train)
     assert online_donors(cfg.arm(REFERENCE), fold, cfg, None) is None
+    with pytest.raises(DHVAEError, match="need a folder"):
+        online_donors(arm, fold, cfg, None)
     with pytest.raises(DHVAEError, match="needs donors"):
         crossval.arm_training(arm, fold, None, budget=2, cfg=cfg)
     with pytest.raises(DHVAEError, match="online_insert > 0"):
