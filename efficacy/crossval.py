@@ -805,12 +805,15 @@ def run_crossval(
     device: torch.device | str = "cpu",
     report_only: bool = False,
     row_tags: dict[str, Any] | None = None,
+    train_seeds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Run (or finish) every (seed, fold, arm) and return :func:`summarise`'s report.
 
     Seed-major order: a run stopped part-way holds whole comparisons (every fold and arm) for the seeds
     it finished. The work folder's settings must match (arms may be added). ``row_tags`` are recorded
     in every row this call trains (the machine it ran on: a grid resumed across sessions mixes CPUs).
+    ``train_seeds`` limits the runs this call trains to those seeds (a session on the CPU kind of one
+    seed's rows fills that seed only); the report still covers every seed of ``cfg``.
     """
     work_dir = Path(work_dir)
     claim_work_dir(work_dir, work_settings(cfg.to_dict()), "a cross-validation")
@@ -824,6 +827,8 @@ def run_crossval(
     before = {(r["fold"], r["arm"], r["seed"]): r for r in read_rows(work_dir / "superseded.jsonl")}
     grid = [(seed, f.index, a) for seed in cfg.seeds for f in folds for a in cfg.arms]
     todo = [] if report_only else [g for g in grid if (g[1], g[2], g[0]) not in done]
+    if train_seeds is not None:
+        todo = [g for g in todo if g[0] in train_seeds]
     # the total counts each fold's inner-validation runs too, twice (the budget's curves, then the
     # post-processing's runs at the budget): what the service announces
     inner = {f.index: inner_validation_patients(f, cfg) for f in folds}

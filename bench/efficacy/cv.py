@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", nargs="+", choices=sorted(ARMS), help="default: CVConfig's")
     ap.add_argument("--seeds", type=int, default=5, help="U-Net seeds 0..n-1")
+    ap.add_argument(
+        "--train-seeds",
+        type=int,
+        nargs="+",
+        help="train only these seeds' missing runs (a session on the CPU kind of one seed's rows); "
+        "the report still covers 0..n-1",
+    )
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--unet", choices=sorted(UNET_WIDTHS), default="small")
     ap.add_argument("--max-steps", type=int, default=1200, help="inner validation: longest run")
@@ -121,7 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     device = pipeline.default_device()
     here = machine()
     report = run_crossval(
-        ing, cfg, work, device=device, report_only=args.report_only, row_tags={"cpu_flags": here["cpu_flags"]}
+        ing,
+        cfg,
+        work,
+        device=device,
+        report_only=args.report_only,
+        row_tags={"cpu_flags": here["cpu_flags"]},
+        train_seeds=args.train_seeds,
     )
     report["machine"] = here
     # the CPU kinds the rows ran on: fp32 kernels round differently on AVX2 and AVX-512 (a run's curve

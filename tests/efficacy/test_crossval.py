@@ -288,6 +288,9 @@ def test_crossval_end_to_end_resumes(cohort, tmp_path, monkeypatch):
         sink.writelines(json.dumps(r) + "\n" for r in stale if r["arm"] in inserting)
     partial = run_crossval(cohort, cfg, tmp_path / "old", report_only=True)
     assert partial["runs_done"] == 6 and not {r["arm"] for r in partial["rows"]} & inserting
+    # a session on the CPU kind of one seed's rows trains that seed only; the report covers every seed
+    more = run_crossval(cohort, replace(cfg, seeds=(0, 1, 2)), tmp_path, train_seeds=[2])
+    assert more["runs_done"] == 24 and {r["seed"] for r in more["rows"]} == {0, 2}
 
 
 def test_unknown_arm_is_refused():
