@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -1075,7 +1076,9 @@ def summarise(
             f" (held-out training patients' 3D Dice {100 * pooled['dice_3d']:.1f} % without, "
             f"{100 * pooled['dice_3d_lcc']:.1f} % with)."
         )
-    seeds_done = sorted({r["seed"] for r in rows})
+    # a seed is done when every fold and arm of it ran; one begun has some of its rows
+    per_seed = Counter(r["seed"] for r in rows)
+    seeds_done = sorted(s for s, k in per_seed.items() if k >= len(cfg.arms) * cfg.folds)
     expected = len(cfg.arms) * cfg.folds * len(cfg.seeds)
     return {
         "config": cfg.to_dict(),
@@ -1089,6 +1092,7 @@ def summarise(
         "runs_done": len(rows),
         "runs_expected": expected,
         "seeds_done": seeds_done,
+        "seeds_begun": sorted(set(per_seed) - set(seeds_done)),
     }
 
 
@@ -1119,7 +1123,9 @@ def crossval_markdown(report: dict[str, Any], title: str = "Cross-validated effi
             lines.append(f"| {point['step']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Runs: {report['runs_done']} of {report['runs_expected']} (seeds done: {report['seeds_done']}).",
+        f"Runs: {report['runs_done']} of {report['runs_expected']} (seeds done: {report['seeds_done']}"
+        + (f"; begun: {report['seeds_begun']}" if report.get("seeds_begun") else "")
+        + ").",
         "",
         "| arm | fold | runs | dice_slice (%) | dice_3d (%) | hd95 (mm) | fp_volume (ml) |",
         "|---|---|---|---|---|---|---|",

@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--remeasure-seeds", type=int, nargs="+", help="only these seeds (default: all)")
     args = ap.parse_args(argv)
+    for flag, chosen in (("--train-seeds", args.train_seeds), ("--remeasure-seeds", args.remeasure_seeds)):
+        if chosen and not set(chosen) <= set(range(args.seeds)):  # it would train nothing, silently
+            ap.error(f"{flag} {chosen}: every seed must lie in 0..{args.seeds - 1} (--seeds {args.seeds})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = args.work or REPO / "runs" / args.name
     kw = {"arms": tuple(args.arms)} if args.arms else {}

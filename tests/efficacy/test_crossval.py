@@ -288,9 +288,30 @@ def test_crossval_end_to_end_resumes(cohort, tmp_path, monkeypatch):
         sink.writelines(json.dumps(r) + "\n" for r in stale if r["arm"] in inserting)
     partial = run_crossval(cohort, cfg, tmp_path / "old", report_only=True)
     assert partial["runs_done"] == 6 and not {r["arm"] for r in partial["rows"]} & inserting
+    assert partial["seeds_done"] == [] and partial["seeds_begun"] == [0]  # half of seed 0's runs
+    assert "(seeds done: []; begun: [0])" in crossval_markdown(partial)
     # a session on the CPU kind of one seed's rows trains that seed only; the report covers every seed
     more = run_crossval(cohort, replace(cfg, seeds=(0, 1, 2)), tmp_path, train_seeds=[2])
     assert more["runs_done"] == 24 and {r["seed"] for r in more["rows"]} == {0, 2}
+    assert more["seeds_done"] == [0, 2] and more["seeds_begun"] == []
+
+
+@pytest.mark.parametrize("flag", ["--train-seeds", "--remeasure-seeds"])
+def test_cv_refuses_a_seed_outside_its_seeds(flag):
+    """Seed 3 in ``--train-seeds`` or ``--remeasure-seeds`` with ``--seeds 3`` would train nothing: refused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    run = subprocess.run(
+        [sys.executable, "bench/efficacy/cv.py", "--seeds", "3", flag, "1", "3", "--report-only"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and f"{flag} [1, 3]: every seed must lie in 0..2" in run.stderr
 
 
 def test_unknown_arm_is_refused():
