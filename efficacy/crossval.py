@@ -146,6 +146,19 @@ class Arm:
             )
         return ", ".join(parts) or "the real slices only"
 
+    def real_donor_twin(self) -> str | None:
+        """The arm that pastes real tumours where this one pastes dHVAE-generated ones, all else equal (the
+        largest-component cut aside, which only the generated masks need), or None. The pair answers the
+        issue's question: does the generator add anything over real copy-paste?"""
+        if self.online_donors == "dhvae":
+            twin = replace(self, online_donors="real", donor_largest_component=False)
+        elif self.method == "insert_dhvae":
+            twin = replace(self, method="insert")
+        else:
+            return None
+        same = lambda a: {**asdict(a), "name": ""} == {**asdict(twin), "name": ""}  # noqa: E731
+        return next((a.name for a in ARMS.values() if same(a)), None)
+
     def settings(self) -> dict[str, Any]:
         """What a row records of its recipe (with the insertion's version, for the arms that insert)."""
         out = {k: v for k, v in asdict(self).items() if k != "name"}
@@ -1036,6 +1049,17 @@ def summarise(
         for name in cfg.arms
         if name != REFERENCE
     }
+    # the generator against real copy-paste: each dHVAE-donor arm paired with its real-donor twin
+    donor_gains = {
+        name: {"against": twin}
+        | {
+            m: g
+            for m in (*CV_METRICS, POST_METRIC)
+            if (g := paired_gain(measured, name, m, reference=twin, bootstrap=cfg.bootstrap)) is not None
+        }
+        for name in cfg.arms
+        if (twin := ARMS[name].real_donor_twin()) in cfg.arms
+    }
     # a recipe to recommend adds pairs or pasted tumours; the plain real-only rows are comparisons
     helping = [
         (n, g["dice_slice"])
@@ -1087,6 +1111,7 @@ def summarise(
         "rows": [{k: v for k, v in r.items()} for r in rows],
         "table": table,
         "gains": gains,
+        "donor_gains": donor_gains,
         "recommendation": recommendation,
         "complete": len(rows) >= expected,
         "runs_done": len(rows),
@@ -1202,8 +1227,34 @@ def crossval_markdown(report: dict[str, Any], title: str = "Cross-validated effi
             for c in chosen
         ]
         lines += _gain_table(report, POST_METRIC, "dice_3d gain, post-processed as chosen")
+    lines += _donor_table(report)
     lines += ["", f"**Recommendation**: {report['recommendation']['words']}", ""]
     return "\n".join(lines)
+
+
+def _donor_table(report: dict[str, Any]) -> list[str]:
+    """Markdown lines: each dHVAE-donor arm's paired gain over its real-donor twin (none if no pair ran)."""
+    paired = [(n, g) for n, g in report.get("donor_gains", {}).items() if "dice_slice" in g]
+    if not paired:
+        return []
+    cell = lambda g: (  # noqa: E731
+        f"{100 * g['mean_patient_gain']:+.1f} | [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]"
+        if g
+        else "n/a | n/a"
+    )
+    return [
+        "",
+        "Paired gain of dHVAE-generated tumours over real ones (each arm against its twin that pastes real "
+        "tumours, all else equal), in points; 95 % CI from a patient bootstrap:",
+        "",
+        "| arm | against | runs | patients | dice_slice gain | CI | dice_3d gain, post-processed | CI |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {n} | {g['against']} | {g['dice_slice']['runs']} | {g['dice_slice']['patients']} "
+            f"| {cell(g['dice_slice'])} | {cell(g.get(POST_METRIC))} |"
+            for n, g in paired
+        ),
+    ]
 
 
 def _gain_table(report: dict[str, Any], metric: str, label: str) -> list[str]:

@@ -551,6 +551,37 @@ def test_the_report_pairs_the_3d_dice_each_fold_post_processed_as_chosen():
     assert POST_METRIC not in summarise(rows, cfg)["gains"]["insert"]  # no choice made: no such gain
 
 
+def test_each_dhvae_donor_arm_is_paired_with_its_real_donor_twin():
+    """The generator's question: a dHVAE-donor arm against the arm that pastes real tumours, all else equal."""
+    assert crossval.ARMS["insert_online_tumour_dhvae"].real_donor_twin() == "insert_online_tumour"
+    assert crossval.ARMS["insert_online_tumour_dhvae_lcc"].real_donor_twin() == "insert_online_tumour"
+    assert crossval.ARMS["insert_dhvae"].real_donor_twin() == "insert"
+    assert crossval.ARMS["insert_online_tumour"].real_donor_twin() is None
+    assert crossval.ARMS["dhvae"].real_donor_twin() is None
+    rows = []
+    for fold, cases in ((0, ["a", "b"]), (1, ["c", "d"])):
+        for arm, dice in (
+            (REFERENCE, 0.70),
+            ("insert_online_tumour", 0.74),
+            ("insert_online_tumour_dhvae", 0.72),
+        ):
+            rows.append(_row(fold, arm, 0, dice, [(c, 0.0) for c in cases]))
+    cfg = CVConfig(
+        arms=(REFERENCE, "insert_online_tumour", "insert_online_tumour_dhvae"), seeds=(0,), folds=2
+    )
+    report = summarise(rows, cfg)
+    g = report["donor_gains"]["insert_online_tumour_dhvae"]
+    assert g["against"] == "insert_online_tumour" and g["dice_slice"]["runs"] == 2
+    assert g["dice_slice"]["mean_patient_gain"] == pytest.approx(-0.02)  # 0.72 - 0.74, not - 0.70
+    over_baseline = report["gains"]["insert_online_tumour_dhvae"]["dice_slice"]
+    assert over_baseline["mean_patient_gain"] == pytest.approx(0.02)
+    assert list(report["donor_gains"]) == ["insert_online_tumour_dhvae"]  # no twin, no row
+    assert "| insert_online_tumour_dhvae | insert_online_tumour | 2 | 4 | -2.0 |" in crossval_markdown(report)
+    alone = CVConfig(arms=(REFERENCE, "insert_online_tumour_dhvae"), seeds=(0,), folds=2)
+    assert summarise(rows, alone)["donor_gains"] == {}  # its twin did not run: nothing to pair
+    assert "dHVAE-generated tumours over real ones" not in crossval_markdown(summarise(rows, alone))
+
+
 def test_an_online_insertion_with_dhvae_donors_pastes_tumours_of_a_dhvae_fitted_on_the_inner_patients(
     cohort, tmp_path, monkeypatch
 ):
