@@ -156,8 +156,7 @@ class Arm:
             twin = replace(self, method="insert")
         else:
             return None
-        same = lambda a: {**asdict(a), "name": ""} == {**asdict(twin), "name": ""}  # noqa: E731
-        return next((a.name for a in ARMS.values() if same(a)), None)
+        return next((a.name for a in ARMS.values() if a.settings() == twin.settings()), None)
 
     def settings(self) -> dict[str, Any]:
         """What a row records of its recipe (with the insertion's version, for the arms that insert)."""
@@ -1172,10 +1171,8 @@ def crossval_markdown(report: dict[str, Any], title: str = "Cross-validated effi
             continue
         s, d = g["dice_slice"], g["dice_3d"]
         lines.append(
-            f"| {name} | {s['runs']} | {s['patients']} | {100 * s['mean_patient_gain']:+.1f} "
-            f"| [{100 * s['ci95'][0]:+.1f}, {100 * s['ci95'][1]:+.1f}] | {'yes' if s['helps'] else 'no'} "
-            f"| {100 * d['mean_patient_gain']:+.1f} | [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] "
-            f"| {'yes' if d['helps'] else 'no'} |"
+            f"| {name} | {s['runs']} | {s['patients']} | {_gain_cells(s)} | {'yes' if s['helps'] else 'no'} "
+            f"| {_gain_cells(d)} | {'yes' if d['helps'] else 'no'} |"
         )
     apart = {
         n: g["dice_slice"].get("cross_cpu_pairs", 0) for n, g in report["gains"].items() if "dice_slice" in g
@@ -1237,11 +1234,6 @@ def _donor_table(report: dict[str, Any]) -> list[str]:
     paired = [(n, g) for n, g in report.get("donor_gains", {}).items() if "dice_slice" in g]
     if not paired:
         return []
-    cell = lambda g: (  # noqa: E731
-        f"{100 * g['mean_patient_gain']:+.1f} | [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]"
-        if g
-        else "n/a | n/a"
-    )
     return [
         "",
         "Paired gain of dHVAE-generated tumours over real ones (each arm against its twin that pastes real "
@@ -1251,7 +1243,7 @@ def _donor_table(report: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
         *(
             f"| {n} | {g['against']} | {g['dice_slice']['runs']} | {g['dice_slice']['patients']} "
-            f"| {cell(g['dice_slice'])} | {cell(g.get(POST_METRIC))} |"
+            f"| {_gain_cells(g['dice_slice'])} | {_gain_cells(g.get(POST_METRIC))} |"
             for n, g in paired
         ),
     ]
@@ -1267,11 +1259,17 @@ def _gain_table(report: dict[str, Any], metric: str, label: str) -> list[str]:
         f"| arm | runs | patients | {label} | CI | helps |",
         "|---|---|---|---|---|---|",
         *(
-            f"| {n} | {g['runs']} | {g['patients']} | {100 * g['mean_patient_gain']:+.1f} "
-            f"| [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}] | {'yes' if g['helps'] else 'no'} |"
+            f"| {n} | {g['runs']} | {g['patients']} | {_gain_cells(g)} | {'yes' if g['helps'] else 'no'} |"
             for n, g in paired
         ),
     ]
+
+
+def _gain_cells(g: dict[str, Any] | None) -> str:
+    """Two Markdown cells: a paired gain in points and its 95 % interval (n/a when no pair ran)."""
+    if not g:
+        return "n/a | n/a"
+    return f"{100 * g['mean_patient_gain']:+.1f} | [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]"
 
 
 def plot_crossval(report: dict[str, Any], path: Path) -> None:
