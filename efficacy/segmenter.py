@@ -441,6 +441,12 @@ def voxel_spacing(case: Any) -> tuple[float, ...] | None:
     return tuple(float(s) for s in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0))
 
 
+def ml_per_voxel(case: Any) -> float:
+    """The volume of one voxel of ``case`` in ml (1.0 where it has no affine: volumes then count voxels)."""
+    spacing = voxel_spacing(case)
+    return float(np.prod(spacing)) / 1000.0 if spacing else 1.0
+
+
 def evaluate_segmenter(
     model: nn.Module,
     cases: Sequence[VolumeCase],
@@ -489,7 +495,7 @@ def evaluate_segmenter(
         pred = prob > threshold
         spacing = voxel_spacing(case)
         free = ~mask.reshape(-1, mask.shape[-1]).any(0)  # axial slices without tumour
-        voxel = float(np.prod(spacing)) / 1000.0 if spacing else 1.0  # ml per voxel (or 1: voxels)
+        voxel = ml_per_voxel(case)
         kept = largest_component(pred)
         per_case.append(
             {

@@ -49,11 +49,11 @@ from efficacy.crossval import (  # noqa: E402
 )
 from efficacy.segmenter import (  # noqa: E402
     largest_component,
+    ml_per_voxel,
     segment_volume,
     segmenter_config,
     soft_dice,
     train_segmenter,
-    voxel_spacing,
 )
 from imaging.cohort import CohortSpec  # noqa: E402
 from pipeline import pipeline  # noqa: E402
@@ -77,8 +77,7 @@ def measure_case(model: Any, case: Any, train_max_px: int, threshold: float) -> 
     """One test patient under one U-Net: size, recall / precision (raw and post-processed), predicted
     volume, and slice Dice within / above the training patients' largest slice area."""
     mask = np.asarray(case.mask) > 0
-    spacing = voxel_spacing(case)
-    ml = float(np.prod(spacing)) / 1000.0 if spacing else 1.0
+    ml = ml_per_voxel(case)
     prob = segment_volume(model, case.image)
     pred = prob > threshold
     kept = largest_component(pred)
@@ -163,12 +162,7 @@ def main() -> None:
         ing = pipeline.ingest(cohort, cache_dir=args.work / "cache", spec=CohortSpec(channel="flair"))
     splits = make_folds([c.case_id for c in ing.slices.cases], cfg.folds, seed=cfg.fold_seed)
     fold = fold_data(ing, splits[args.fold], args.fold, cfg)
-    train_sizes = {}
-    for c in fold.train_cases:
-        spacing = voxel_spacing(c)
-        train_sizes[c.case_id] = tumour_sizes(
-            np.asarray(c.mask) > 0, float(np.prod(spacing)) / 1000.0 if spacing else 1.0
-        )
+    train_sizes = {c.case_id: tumour_sizes(np.asarray(c.mask) > 0, ml_per_voxel(c)) for c in fold.train_cases}
     train_max_px = max(s["largest_slice_px"] for s in train_sizes.values())
 
     cases: list[dict[str, Any]] = []
