@@ -961,7 +961,8 @@ def paired_gain(
     and a 95 % patient-level bootstrap interval of the mean per-patient gain.
 
     Per patient, the gain is the mean over seeds of (arm - reference) on that patient's own score
-    (``per_case``); the bootstrap resamples patients with replacement. Only pairs whose two rows both
+    (``per_case``; kept as ``per_patient``, since with six patients one of them can carry the mean); the
+    bootstrap resamples patients with replacement. Only pairs whose two rows both
     measured ``metric`` count (older rows lack the post-processed ones), and ran on the same kind of CPU
     (``cpu_flags``): a seed is a pair's shared randomness only there, since a run drifts across CPU kinds
     as much as across seeds (``cross_cpu_pairs`` counts the pairs left out). None when no pair exists.
@@ -997,6 +998,9 @@ def paired_gain(
         "cross_cpu_pairs": len(both) - len(pairs),
         "mean_patient_gain": float(gains.mean()) if len(gains) else float("nan"),
         "patients": len(gains),
+        "per_patient": {
+            c: {"gain": float(np.mean(v)), "runs": len(v)} for c, v in sorted(per_patient.items())
+        },
         "ci95": [lo, hi],
         "helps": bool(lo > 0) if metric in HIGHER_IS_BETTER else bool(hi < 0),
     }
@@ -1224,9 +1228,40 @@ def crossval_markdown(report: dict[str, Any], title: str = "Cross-validated effi
             for c in chosen
         ]
         lines += _gain_table(report, POST_METRIC, "dice_3d gain, post-processed as chosen")
+    lines += _patient_table(report)
     lines += _donor_table(report)
     lines += ["", f"**Recommendation**: {report['recommendation']['words']}", ""]
     return "\n".join(lines)
+
+
+def _patient_table(report: dict[str, Any]) -> list[str]:
+    """Markdown lines: each arm's paired gain per test patient (mean over its seeds), slice Dice and the
+    post-processed 3D Dice, so that a mean carried by one patient shows as such."""
+    paired = [(n, g) for n, g in report["gains"].items() if "dice_slice" in g]
+    if not paired:
+        return []
+    patients = sorted({c for _, g in paired for c in g["dice_slice"].get("per_patient", {})})
+    if not patients:
+        return []
+
+    def cell(g: dict[str, Any], metric: str, case: str) -> str:
+        p = g.get(metric, {}).get("per_patient", {}).get(case)
+        return f"{100 * p['gain']:+.1f}" if p else "n/a"
+
+    return [
+        "",
+        f"Paired gain over `{report['reference']}` per test patient (mean over the seeds run, in points; "
+        "slice Dice / post-processed 3D Dice):",
+        "",
+        "| arm | " + " | ".join(patients) + " |",
+        "|---|" + "---|" * len(patients),
+        *(
+            f"| {n} | "
+            + " | ".join(f"{cell(g, 'dice_slice', c)} / {cell(g, POST_METRIC, c)}" for c in patients)
+            + " |"
+            for n, g in paired
+        ),
+    ]
 
 
 def _donor_table(report: dict[str, Any]) -> list[str]:

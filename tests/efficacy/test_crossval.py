@@ -144,6 +144,13 @@ def test_paired_gain_and_the_recommendation():
     assert g["mean_run_gain"] == pytest.approx(0.04)
     assert g["mean_patient_gain"] == pytest.approx(0.05)  # 0.04 + mean(0, 0.02, 0, 0.02)
     assert 0.04 - 1e-9 <= g["ci95"][0] <= g["ci95"][1] <= 0.06 + 1e-9 and g["helps"]
+    assert {c: round(p["gain"], 6) for c, p in g["per_patient"].items()} == {
+        "a": 0.04,
+        "b": 0.06,
+        "c": 0.04,
+        "d": 0.06,
+    }
+    assert {p["runs"] for p in g["per_patient"].values()} == {2}
     assert not paired_gain(rows, "real", "dice_slice")["helps"]
     # a pair whose two runs ran on different kinds of CPU does not count (a seed is shared only on one kind)
     moved = [
@@ -187,7 +194,10 @@ def test_paired_gain_and_the_recommendation():
     pooled = next(t for t in report["table"] if t["arm"] == "insert" and t["fold"] == "pooled")
     assert pooled["dice_3d_lcc"]["n"] == 2 and pooled["dice_3d"]["n"] == 4
     report["folds"] = []
-    assert "dice_3d gain, post-processed" in crossval_markdown(report)
+    text = crossval_markdown(report)
+    assert "dice_3d gain, post-processed" in text
+    # per test patient: slice Dice / post-processed 3D (none here: no fold chose a post-processing)
+    assert "| arm | a | b | c | d |" in text and "| insert | +4.0 / n/a | +6.0 / n/a | +4.0 / n/a |" in text
 
 
 def test_crossval_end_to_end_resumes(cohort, tmp_path, monkeypatch):
