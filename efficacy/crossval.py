@@ -961,7 +961,7 @@ def paired_gain(
     and a 95 % patient-level bootstrap interval of the mean per-patient gain.
 
     Per patient, the gain is the mean over seeds of (arm - reference) on that patient's own score
-    (``per_case``; kept as ``per_patient``, since with six patients one of them can carry the mean); the
+    (``per_case``; kept as ``per_patient``, since with few patients one of them can carry the mean); the
     bootstrap resamples patients with replacement. Only pairs whose two rows both
     measured ``metric`` count (older rows lack the post-processed ones), and ran on the same kind of CPU
     (``cpu_flags``): a seed is a pair's shared randomness only there, since a run drifts across CPU kinds
