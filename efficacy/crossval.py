@@ -276,6 +276,12 @@ def make_folds(case_ids: Sequence[str], folds: int, *, seed: int) -> list[Patien
     return [PatientSplit(tuple(sorted(p for p in patients if p not in g)), tuple(g)) for g in groups]
 
 
+def cohort_splits(ing: IngestResult, cfg: CVConfig) -> list[PatientSplit]:
+    """The grid's patient splits of an ingested cohort: :func:`make_folds` over its patients, by
+    ``cfg``'s fold count and seed (every script that revisits a fold takes it from here)."""
+    return make_folds([c.case_id for c in ing.slices.cases], cfg.folds, seed=cfg.fold_seed)
+
+
 @dataclass
 class FoldData:
     """One fold: the efficacy split plus the U-Net's real pool and the training patients' volumes."""
@@ -831,7 +837,7 @@ def run_crossval(
     work_dir = Path(work_dir)
     claim_work_dir(work_dir, work_settings(cfg.to_dict()), "a cross-validation")
 
-    splits = make_folds([c.case_id for c in ing.slices.cases], cfg.folds, seed=cfg.fold_seed)
+    splits = cohort_splits(ing, cfg)
     folds = [fold_data(ing, s, i, cfg) for i, s in enumerate(splits)]
     rows_path = work_dir / "rows.jsonl"
     # a row of an older recipe (an insertion since mended, say) is neither reported nor counted as done

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shar
 from machine import describe, machine  # noqa: E402
 
 from brats import REPO, combined_cohort  # noqa: E402
-from efficacy.crossval import CVConfig, fold_data, inner_curve, make_folds  # noqa: E402
+from efficacy.crossval import CVConfig, cohort_splits, fold_data, inner_curve  # noqa: E402
 from efficacy.segmenter import SegmenterConfig  # noqa: E402
 from imaging.cohort import CohortSpec  # noqa: E402
 from pipeline import pipeline  # noqa: E402
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cohort = combined_cohort(["train", "validation", "test"], Path(tmp))
         ing = pipeline.ingest(cohort, cache_dir=args.work / "cache", spec=CohortSpec(channel="flair"))
-    splits = make_folds([x.case_id for x in ing.slices.cases], cfg.folds, seed=cfg.fold_seed)
+    splits = cohort_splits(ing, cfg)
     budget = committed["folds"][args.fold]["budget"]
     patient = budget["validation_patients"][0]
     here = inner_curve(ing, fold_data(ing, splits[args.fold], args.fold, cfg), patient, cfg)

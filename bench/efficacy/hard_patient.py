@@ -42,8 +42,8 @@ from efficacy.crossval import (  # noqa: E402
     ARMS,
     CVConfig,
     arm_training,
+    cohort_splits,
     fold_data,
-    make_folds,
     online_donors,
     work_settings,
 )
@@ -160,7 +160,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cohort = combined_cohort(["train", "validation", "test"], Path(tmp))
         ing = pipeline.ingest(cohort, cache_dir=args.work / "cache", spec=CohortSpec(channel="flair"))
-    splits = make_folds([c.case_id for c in ing.slices.cases], cfg.folds, seed=cfg.fold_seed)
+    splits = cohort_splits(ing, cfg)
     fold = fold_data(ing, splits[args.fold], args.fold, cfg)
     train_sizes = {c.case_id: tumour_sizes(np.asarray(c.mask) > 0, ml_per_voxel(c)) for c in fold.train_cases}
     train_max_px = max(s["largest_slice_px"] for s in train_sizes.values())

@@ -47,9 +47,9 @@ from efficacy.crossval import (  # noqa: E402
     CVConfig,
     cached_inner_curve,
     choose_budget,
+    cohort_splits,
     fold_data,
     inner_validation_patients,
-    make_folds,
     restore_arm_curves,
     smooth3,
     work_settings,
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             inner_patients=args.inner_patients,
             segmenter=segmenter_config(channels=UNET_WIDTHS[args.unet], **VARIANTS[name]),
         )
-        splits = make_folds([c.case_id for c in ing.slices.cases], cfg.folds, seed=cfg.fold_seed)
+        splits = cohort_splits(ing, cfg)
         for i in args.folds_run:
             fold = fold_data(ing, splits[i], i, cfg)
             budget = choose_budget(ing, fold, cfg, args.work / name / f"fold{i}", pipeline.default_device())
@@ -173,7 +173,7 @@ def probe_arms(args: argparse.Namespace, ing, t0: float) -> None:
         restored = restore_arm_curves(json.loads(args.resume_from.read_text()), args.work)
         logging.info("%s: restored %s", args.resume_from, ", ".join(restored) or "nothing")
     device = pipeline.default_device()
-    splits = make_folds([c.case_id for c in ing.slices.cases], cfg.folds, seed=cfg.fold_seed)
+    splits = cohort_splits(ing, cfg)
     rows = []
     for i in args.folds_run:
         fold = fold_data(ing, splits[i], i, cfg)

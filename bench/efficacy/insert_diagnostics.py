@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shar
 from machine import footer, provenance, write_report  # noqa: E402
 
 from brats import REPO, combined_cohort  # noqa: E402
-from efficacy.crossval import CVConfig, fold_data, make_folds  # noqa: E402
+from efficacy.crossval import CVConfig, cohort_splits, fold_data  # noqa: E402
 from imaging.cohort import CohortSpec  # noqa: E402
 from models.insert import InsertConfig, brain_mask, draw_insert, recipient_slices  # noqa: E402
 from pipeline import pipeline  # noqa: E402
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cohort = combined_cohort(["train", "validation", "test"], Path(tmp))
         ing = pipeline.ingest(cohort, cache_dir=args.work / "cache", spec=CohortSpec(channel="flair"))
-    splits = make_folds([c.case_id for c in ing.slices.cases], cfg.folds, seed=cfg.fold_seed)
+    splits = cohort_splits(ing, cfg)
     folds = []
     for i, split in enumerate(splits):
         fold = fold_data(ing, split, i, cfg)  # its training patients only
