@@ -992,7 +992,8 @@ def paired_gain(
                 and np.isfinite(ref[c["case_id"]][metric])
             ):
                 per_patient.setdefault(c["case_id"], []).append(c[metric] - ref[c["case_id"]][metric])
-    gains = np.array([np.mean(v) for v in per_patient.values()])
+    means = {c: float(np.mean(v)) for c, v in per_patient.items()}  # insertion order: the bootstrap's
+    gains = np.array(list(means.values()))
     rng = np.random.default_rng(seed)
     boots = (
         gains[rng.integers(len(gains), size=(bootstrap, len(gains)))].mean(1) if len(gains) else np.zeros(1)
@@ -1004,9 +1005,7 @@ def paired_gain(
         "cross_cpu_pairs": len(both) - len(pairs),
         "mean_patient_gain": float(gains.mean()) if len(gains) else float("nan"),
         "patients": len(gains),
-        "per_patient": {
-            c: {"gain": float(np.mean(v)), "runs": len(v)} for c, v in sorted(per_patient.items())
-        },
+        "per_patient": {c: {"gain": means[c], "runs": len(per_patient[c])} for c in sorted(means)},
         "ci95": [lo, hi],
         "helps": bool(lo > 0) if metric in HIGHER_IS_BETTER else bool(hi < 0),
     }
@@ -1244,8 +1243,6 @@ def _patient_table(report: dict[str, Any]) -> list[str]:
     """Markdown lines: each arm's paired gain per test patient (mean over its seeds), slice Dice and the
     post-processed 3D Dice, so that a mean carried by one patient shows as such."""
     paired = [(n, g) for n, g in report["gains"].items() if "dice_slice" in g]
-    if not paired:
-        return []
     patients = sorted({c for _, g in paired for c in g["dice_slice"].get("per_patient", {})})
     if not patients:
         return []
