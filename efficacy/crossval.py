@@ -346,21 +346,23 @@ def inner_curve(
     *,
     arm: Arm | None = None,
     pairs_dir: Path | None = None,
+    budget: int | None = None,
 ) -> list[tuple[int, float]]:
     """``arm`` (default: the strong baseline) trained on ``fold``'s training patients but ``val_id``, and
     its slice Dice on ``val_id`` every ``cfg.eval_every`` steps up to ``cfg.max_steps``: [(step, dice), ...].
 
     An arm with offline pairs (or generated donors) draws them from those inner training patients only
     (cached under ``pairs_dir``), so a recipe's settings can be chosen without a test patient (the arm probe of
-    ``bench/efficacy/inner_probe.py``). The agreement filter's arms are not probed this way.
+    ``bench/efficacy/inner_probe.py``). An agreement filter's scorer is trained on those patients too, for
+    ``budget`` steps (the fold's budget, as on the test folds).
     """
     arm = arm or ARMS[REFERENCE]
     inner = inner_fold(ing, fold, val_id, cfg)
     pairs = None
     if arm.n:
-        if arm.filter_dice or pairs_dir is None:
-            raise DHVAEError(f"arm {arm.name}: an inner curve needs unfiltered pairs and a folder for them")
-        pairs = fold_pairs(arm.method, arm.n, inner, cfg, pairs_dir, device=device)
+        if pairs_dir is None:
+            raise DHVAEError(f"arm {arm.name}: an inner curve's pairs need a folder")
+        pairs, _ = arm_pairs(arm, inner, cfg, pairs_dir, budget=budget, device=device)
     donors = online_donors(arm, inner, cfg, pairs_dir, device=device)
     curve: list[tuple[int, float]] = []
 
@@ -389,13 +391,17 @@ def cached_inner_curve(
     cfg: CVConfig,
     work_dir: Path,
     device: torch.device | str = "cpu",
+    *,
+    budget: int | None = None,
 ) -> list[tuple[int, float]]:
     """:func:`inner_curve`, cached in the fold's folder ``work_dir`` (the reference's curves are the
-    budget's; another arm's pairs are drawn into ``work_dir/inner_pairs_<val_id>``)."""
+    budget's; another arm's pairs are drawn into ``work_dir/inner_pairs_<val_id>``; ``budget``: the
+    fold's, for an agreement filter's scorer)."""
     path = inner_curve_path(work_dir, val_id, arm.name)
     if path.is_file():
         return [tuple(p) for p in json.loads(path.read_text())]
-    curve = inner_curve(ing, fold, val_id, cfg, device, arm=arm, pairs_dir=work_dir / f"inner_pairs_{val_id}")
+    pairs_dir = work_dir / f"inner_pairs_{val_id}"
+    curve = inner_curve(ing, fold, val_id, cfg, device, arm=arm, pairs_dir=pairs_dir, budget=budget)
     write_json_atomic(path, curve)
     return curve
 
@@ -555,6 +561,31 @@ def fold_pairs(
     return synthetic_pairs(
         method, fold.data, ecfg, work_dir, progress=progress, should_stop=should_stop, device=device
     )
+
+
+def arm_pairs(
+    arm: Arm,
+    fold: FoldData,
+    cfg: CVConfig,
+    work_dir: Path,
+    *,
+    budget: int | None,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """``arm``'s offline pairs on ``fold`` (:func:`fold_pairs`), and the agreement filter's summary or
+    None. The filter chooses ``arm.n`` of twice as many candidates, with a scorer trained for ``budget``
+    steps (:func:`agreement_filter`)."""
+    want = 2 * arm.n if arm.filter_dice else arm.n
+    pairs = fold_pairs(
+        arm.method, want, fold, cfg, work_dir, progress=progress, should_stop=should_stop, device=device
+    )
+    if not arm.filter_dice:
+        return pairs, None
+    if budget is None:
+        raise DHVAEError(f"arm {arm.name}: the agreement filter's scorer needs the fold's step budget")
+    return agreement_filter(pairs, arm.n, fold, arm, cfg, work_dir, budget=budget, device=device)
 
 
 def online_donors(
@@ -888,22 +919,16 @@ def run_crossval(
             fdir = work_dir / f"fold{i}"
             pairs, agreement = None, None
             if arm.n:
-                # the agreement filter chooses from twice as many candidates as it keeps
-                want = 2 * arm.n if arm.filter_dice else arm.n
-                pairs = fold_pairs(
-                    arm.method,
-                    want,
+                pairs, agreement = arm_pairs(
+                    arm,
                     fold,
                     cfg,
                     fdir,
+                    budget=budgets[i]["steps"],
                     progress=progress,
                     should_stop=should_stop,
                     device=device,
                 )
-                if arm.filter_dice:
-                    pairs, agreement = agreement_filter(
-                        pairs, arm.n, fold, arm, cfg, fdir, budget=budgets[i]["steps"], device=device
-                    )
             donors = online_donors(
                 arm, fold, cfg, fdir, progress=progress, should_stop=should_stop, device=device
             )

@@ -10,9 +10,10 @@ Results: bench/results/inner_probe.{json,md}: each variant's smoothed inner curv
 its budget, and the variant with the higher mean best (what the cross-validation should then use).
 
 Which recipes go to the test folds (``--arms``): each arm trained on a fold's training patients but one
-held-out training patient (its pairs drawn from those patients only), its slice Dice on the held-out
-patient at the fold's budget against the strong baseline's, whose curves and budgets come from the
-cross-validation's work folder (runs/efficacy_cv, the same settings: a resumed grid reuses them).
+held-out training patient (its pairs drawn from those patients only, and an agreement filter's scorer
+trained on them for the fold's budget), its slice Dice on the held-out patient at the fold's budget
+against the strong baseline's, whose curves and budgets come from the cross-validation's work folder
+(runs/efficacy_cv, the same settings: a resumed grid reuses them).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/efficacy/inner_probe.py --arms insert insert_healthy \
         --optimizer adam --inner-patients 2 --probe-patients 1
@@ -181,7 +182,7 @@ def probe_arms(args: argparse.Namespace, ing, t0: float) -> None:
         budget = choose_budget(ing, fold, cfg, fdir, device)["steps"]
         for val_id in inner_validation_patients(fold, cfg)[: args.probe_patients]:
             curves = {
-                name: cached_inner_curve(ing, fold, cfg.arm(name), val_id, cfg, fdir, device)
+                name: cached_inner_curve(ing, fold, cfg.arm(name), val_id, cfg, fdir, device, budget=budget)
                 for name in cfg.arms
             }
             for name, curve in curves.items():

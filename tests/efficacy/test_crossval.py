@@ -400,7 +400,8 @@ def test_the_budget_averages_the_held_out_patients_curves(cohort, tmp_path):
 def test_an_arm_s_inner_curve_draws_its_pairs_from_the_inner_training_patients(cohort, tmp_path, monkeypatch):
     """The arm probe (bench/efficacy/inner_probe.py --arms): an arm with offline pairs is trained on the
     fold's training patients but the held-out one, its pairs drawn from those only; the curve is cached
-    beside the reference's (which it never overwrites), and the filter's arms are refused."""
+    beside the reference's (which it never overwrites). An agreement filter's scorer is trained on those
+    patients too, for the fold's budget, which it cannot do without."""
     from efficacy.crossval import cached_inner_curve
     from efficacy.segmenter import PatientSplit
     from models.insert import recipient_slices
@@ -435,8 +436,23 @@ def test_an_arm_s_inner_curve_draws_its_pairs_from_the_inner_training_patients(c
     assert cached_inner_curve(cohort, fold, cfg.arm("insert_healthy"), held, cfg, tmp_path) == [
         tuple(p) for p in curve
     ]
-    with pytest.raises(DHVAEError, match="unfiltered pairs"):
-        cached_inner_curve(cohort, fold, cfg.arm("insert_filtered"), held, cfg, tmp_path)
+    filtered = cfg.arm("insert_filtered")
+    with pytest.raises(DHVAEError, match="step budget"):  # its scorer's steps are the fold's budget
+        cached_inner_curve(cohort, fold, filtered, held, cfg, tmp_path)
+    monkeypatch.undo()
+    scored = []
+
+    def scorer(pool, **kw):  # the agreement filter's scorer: the inner training patients' slices only
+        scored.append((len(pool), kw.get("steps")))
+        return train_segmenter(pool, **kw)
+
+    monkeypatch.setattr("efficacy.crossval.train_segmenter", scorer)
+    curve = cached_inner_curve(cohort, fold, filtered, held, cfg, tmp_path, budget=2)
+    assert [s for s, _ in curve] == [2, 4] and all(0 <= d <= 1 for _, d in curve)
+    inner_pool = len(crossval.inner_fold(cohort, fold, held, cfg).real_pool)
+    assert scored[0] == (inner_pool, 2) and inner_pool < len(fold.real_pool)
+    agreement = np.load(tmp_path / f"inner_pairs_{held}" / "insert" / "agreement.npy")
+    assert len(agreement) == 12  # twice the 6 pairs it keeps
 
 
 def test_a_cached_draw_of_another_insertion_version_is_not_served(cohort, tmp_path):
