@@ -996,7 +996,9 @@ def paired_gain(
     bootstrap resamples patients with replacement. Only pairs whose two rows both
     measured ``metric`` count (older rows lack the post-processed ones), and ran on the same kind of CPU
     (``cpu_flags``): a seed is a pair's shared randomness only there, since a run drifts across CPU kinds
-    as much as across seeds (``cross_cpu_pairs`` counts the pairs left out). None when no pair exists.
+    as much as across seeds (``cross_cpu_pairs`` counts the pairs left out). The arm "helps" only when
+    its pairs cover every patient the reference was tested on (``untested_patients`` lists the others)
+    and the interval lies above 0. None when no pair exists.
     """
     by = {(r["fold"], r["seed"], r["arm"]): r for r in rows if metric in r}
     both = [(k[0], k[1]) for k in by if k[2] == arm and (k[0], k[1], reference) in by]
@@ -1018,6 +1020,16 @@ def paired_gain(
             ):
                 per_patient.setdefault(c["case_id"], []).append(c[metric] - ref[c["case_id"]][metric])
     means = {c: float(np.mean(v)) for c, v in per_patient.items()}  # insertion order: the bootstrap's
+    # the patients the reference was tested on: an arm helps only where its pairs cover all of them (one
+    # fold's two patients make a bootstrap interval, but not a verdict on the cohort)
+    tested = {
+        c["case_id"]
+        for r in rows
+        if r["arm"] == reference and metric in r
+        for c in r["per_case"]
+        if metric in c and np.isfinite(c[metric])
+    }
+    untested = sorted(tested - set(means))
     gains = np.array(list(means.values()))
     rng = np.random.default_rng(seed)
     boots = (
@@ -1032,7 +1044,8 @@ def paired_gain(
         "patients": len(gains),
         "per_patient": {c: {"gain": means[c], "runs": len(per_patient[c])} for c in sorted(means)},
         "ci95": [lo, hi],
-        "helps": bool(lo > 0) if metric in HIGHER_IS_BETTER else bool(hi < 0),
+        "untested_patients": untested,
+        "helps": not untested and (bool(lo > 0) if metric in HIGHER_IS_BETTER else bool(hi < 0)),
     }
 
 
@@ -1205,8 +1218,8 @@ def crossval_markdown(report: dict[str, Any], title: str = "Cross-validated effi
             continue
         s, d = g["dice_slice"], g["dice_3d"]
         lines.append(
-            f"| {name} | {s['runs']} | {s['patients']} | {_gain_cells(s)} | {'yes' if s['helps'] else 'no'} "
-            f"| {_gain_cells(d)} | {'yes' if d['helps'] else 'no'} |"
+            f"| {name} | {s['runs']} | {s['patients']} | {_gain_cells(s)} | {_verdict(s)} "
+            f"| {_gain_cells(d)} | {_verdict(d)} |"
         )
     apart = {
         n: g["dice_slice"].get("cross_cpu_pairs", 0) for n, g in report["gains"].items() if "dice_slice" in g
@@ -1321,11 +1334,15 @@ def _gain_table(report: dict[str, Any], metric: str, label: str) -> list[str]:
         "",
         f"| arm | runs | patients | {label} | CI | helps |",
         "|---|---|---|---|---|---|",
-        *(
-            f"| {n} | {g['runs']} | {g['patients']} | {_gain_cells(g)} | {'yes' if g['helps'] else 'no'} |"
-            for n, g in paired
-        ),
+        *(f"| {n} | {g['runs']} | {g['patients']} | {_gain_cells(g)} | {_verdict(g)} |" for n, g in paired),
     ]
+
+
+def _verdict(g: dict[str, Any]) -> str:
+    """A gain's "helps" cell: yes, no, or not yet while some tested patients have no pair."""
+    if missing := g.get("untested_patients"):
+        return f"not yet ({len(missing)} patients unpaired)"
+    return "yes" if g["helps"] else "no"
 
 
 def _gain_cells(g: dict[str, Any] | None) -> str:

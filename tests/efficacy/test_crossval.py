@@ -152,6 +152,15 @@ def test_paired_gain_and_the_recommendation():
     }
     assert {p["runs"] for p in g["per_patient"].values()} == {2}
     assert not paired_gain(rows, "real", "dice_slice")["helps"]
+    # one fold's patients make an interval (above 0 here), but no verdict on the cohort: not yet
+    one_fold = [r for r in rows if r["arm"] != "insert" or r["fold"] == 0]
+    g0 = paired_gain(one_fold, "insert", "dice_slice")
+    assert g0["ci95"][0] > 0 and g0["untested_patients"] == ["c", "d"] and not g0["helps"]
+    assert g["untested_patients"] == []
+    partial = summarise(one_fold, CVConfig(arms=(REFERENCE, "insert"), seeds=(0, 1), folds=2))
+    assert partial["recommendation"]["words"].startswith("Nothing beats your real data")
+    partial["folds"] = []
+    assert "| not yet (2 patients unpaired) |" in crossval_markdown(partial)
     # a pair whose two runs ran on different kinds of CPU does not count (a seed is shared only on one kind)
     moved = [
         {**r, "cpu_flags": ["avx2"]} if (r["arm"], r["fold"], r["seed"]) == ("insert", 0, 1) else r
