@@ -1024,8 +1024,8 @@ def paired_gain(
     # fold's two patients make a bootstrap interval, but not a verdict on the cohort)
     tested = {
         c["case_id"]
-        for r in rows
-        if r["arm"] == reference and metric in r
+        for (_, _, a), r in by.items()
+        if a == reference
         for c in r["per_case"]
         if metric in c and np.isfinite(c[metric])
     }
