@@ -1306,20 +1306,24 @@ def _patient_table(report: dict[str, Any]) -> list[str]:
 
 
 def _donor_table(report: dict[str, Any]) -> list[str]:
-    """Markdown lines: each dHVAE-donor arm's paired gain over its real-donor twin (none if no pair ran)."""
+    """Markdown lines: each dHVAE-donor arm's paired gain over its real-donor twin in every metric the
+    pair has (none if no pair ran): slice Dice, raw and post-processed 3D Dice, the false-positive volume."""
     paired = [(n, g) for n, g in report.get("donor_gains", {}).items() if "dice_slice" in g]
     if not paired:
         return []
     return [
         "",
         "Paired gain of dHVAE-generated tumours over real ones (each arm against its twin that pastes real "
-        "tumours, all else equal), in points; 95 % CI from a patient bootstrap:",
+        "tumours, all else equal), Dice in points, false-positive volume in ml (below 0: fewer); 95 % CI "
+        "from a patient bootstrap:",
         "",
-        "| arm | against | runs | patients | dice_slice gain | CI | dice_3d gain, post-processed | CI |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | against | runs | patients | dice_slice gain | CI | dice_3d gain | CI "
+        "| dice_3d gain, post-processed | CI | fp_volume change (ml) | CI |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(
             f"| {n} | {g['against']} | {g['dice_slice']['runs']} | {g['dice_slice']['patients']} "
-            f"| {_gain_cells(g['dice_slice'])} | {_gain_cells(g.get(POST_METRIC))} |"
+            f"| {_gain_cells(g['dice_slice'])} | {_gain_cells(g.get('dice_3d'))} "
+            f"| {_gain_cells(g.get(POST_METRIC))} | {_gain_cells(g.get('fp_volume'), scale=1)} |"
             for n, g in paired
         ),
     ]
@@ -1345,11 +1349,13 @@ def _verdict(g: dict[str, Any]) -> str:
     return "yes" if g["helps"] else "no"
 
 
-def _gain_cells(g: dict[str, Any] | None) -> str:
-    """Two Markdown cells: a paired gain in points and its 95 % interval (n/a when no pair ran)."""
+def _gain_cells(g: dict[str, Any] | None, scale: float = 100) -> str:
+    """Two Markdown cells: a paired gain (a Dice fraction times 100 is points; ``scale=1`` keeps ml) and
+    its 95 % interval (n/a when no pair ran)."""
     if not g:
         return "n/a | n/a"
-    return f"{100 * g['mean_patient_gain']:+.1f} | [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]"
+    lo, hi = (scale * x for x in g["ci95"])
+    return f"{scale * g['mean_patient_gain']:+.1f} | [{lo:+.1f}, {hi:+.1f}]"
 
 
 def plot_crossval(report: dict[str, Any], path: Path) -> None:

@@ -595,12 +595,14 @@ def test_each_dhvae_donor_arm_is_paired_with_its_real_donor_twin():
     assert crossval.ARMS["dhvae"].real_donor_twin() is None
     rows = []
     for fold, cases in ((0, ["a", "b"]), (1, ["c", "d"])):
-        for arm, dice in (
-            (REFERENCE, 0.70),
-            ("insert_online_tumour", 0.74),
-            ("insert_online_tumour_dhvae", 0.72),
+        for arm, dice, fp_ml in (
+            (REFERENCE, 0.70, 0.0),
+            ("insert_online_tumour", 0.74, 4.0),
+            ("insert_online_tumour_dhvae", 0.72, 1.5),
         ):
             rows.append(_row(fold, arm, 0, dice, [(c, 0.0) for c in cases]))
+            for m in (rows[-1], *rows[-1]["per_case"]):
+                m["fp_volume"] = fp_ml
     cfg = CVConfig(
         arms=(REFERENCE, "insert_online_tumour", "insert_online_tumour_dhvae"), seeds=(0,), folds=2
     )
@@ -611,7 +613,11 @@ def test_each_dhvae_donor_arm_is_paired_with_its_real_donor_twin():
     over_baseline = report["gains"]["insert_online_tumour_dhvae"]["dice_slice"]
     assert over_baseline["mean_patient_gain"] == pytest.approx(0.02)
     assert list(report["donor_gains"]) == ["insert_online_tumour_dhvae"]  # no twin, no row
-    assert "| insert_online_tumour_dhvae | insert_online_tumour | 2 | 4 | -2.0 |" in crossval_markdown(report)
+    # every metric of the pair, the false-positive volume in ml rather than points; no post-processing chosen
+    assert (
+        "| insert_online_tumour_dhvae | insert_online_tumour | 2 | 4 | -2.0 | [-2.0, -2.0] | -2.0 | [-2.0, -2.0] "
+        "| n/a | n/a | -2.5 | [-2.5, -2.5] |"
+    ) in crossval_markdown(report)
     alone = CVConfig(arms=(REFERENCE, "insert_online_tumour_dhvae"), seeds=(0,), folds=2)
     assert summarise(rows, alone)["donor_gains"] == {}  # its twin did not run: nothing to pair
     assert "dHVAE-generated tumours over real ones" not in crossval_markdown(summarise(rows, alone))
