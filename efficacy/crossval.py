@@ -1307,23 +1307,25 @@ def _patient_table(report: dict[str, Any]) -> list[str]:
 
 def _donor_table(report: dict[str, Any]) -> list[str]:
     """Markdown lines: each dHVAE-donor arm's paired gain over its real-donor twin in every metric the
-    pair has (none if no pair ran): slice Dice, raw and post-processed 3D Dice, the false-positive volume."""
+    pair has (none if no pair ran): slice Dice, raw and post-processed 3D Dice, HD95, the false-positive
+    volume."""
     paired = [(n, g) for n, g in report.get("donor_gains", {}).items() if "dice_slice" in g]
     if not paired:
         return []
     return [
         "",
         "Paired gain of dHVAE-generated tumours over real ones (each arm against its twin that pastes real "
-        "tumours, all else equal), Dice in points, false-positive volume in ml (below 0: fewer); 95 % CI "
-        "from a patient bootstrap:",
+        "tumours, all else equal), Dice in points, HD95 in mm and false-positive volume in ml (below 0: "
+        "shorter, fewer); 95 % CI from a patient bootstrap:",
         "",
         "| arm | against | runs | patients | dice_slice gain | CI | dice_3d gain | CI "
-        "| dice_3d gain, post-processed | CI | fp_volume change (ml) | CI |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dice_3d gain, post-processed | CI | hd95 change (mm) | CI | fp_volume change (ml) | CI |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(
             f"| {n} | {g['against']} | {g['dice_slice']['runs']} | {g['dice_slice']['patients']} "
             f"| {_gain_cells(g['dice_slice'])} | {_gain_cells(g.get('dice_3d'))} "
-            f"| {_gain_cells(g.get(POST_METRIC))} | {_gain_cells(g.get('fp_volume'), scale=1)} |"
+            f"| {_gain_cells(g.get(POST_METRIC))} | {_gain_cells(g.get('hd95'), scale=1)} "
+            f"| {_gain_cells(g.get('fp_volume'), scale=1)} |"
             for n, g in paired
         ),
     ]

@@ -613,10 +613,11 @@ def test_each_dhvae_donor_arm_is_paired_with_its_real_donor_twin():
     over_baseline = report["gains"]["insert_online_tumour_dhvae"]["dice_slice"]
     assert over_baseline["mean_patient_gain"] == pytest.approx(0.02)
     assert list(report["donor_gains"]) == ["insert_online_tumour_dhvae"]  # no twin, no row
-    # every metric of the pair, the false-positive volume in ml rather than points; no post-processing chosen
+    # every metric of the pair, HD95 in mm and the false-positive volume in ml rather than points; no
+    # post-processing chosen
     assert (
         "| insert_online_tumour_dhvae | insert_online_tumour | 2 | 4 | -2.0 | [-2.0, -2.0] | -2.0 | [-2.0, -2.0] "
-        "| n/a | n/a | -2.5 | [-2.5, -2.5] |"
+        "| n/a | n/a | +0.0 | [+0.0, +0.0] | -2.5 | [-2.5, -2.5] |"
     ) in crossval_markdown(report)
     alone = CVConfig(arms=(REFERENCE, "insert_online_tumour_dhvae"), seeds=(0,), folds=2)
     assert summarise(rows, alone)["donor_gains"] == {}  # its twin did not run: nothing to pair
