@@ -1352,8 +1352,8 @@ def _verdict(g: dict[str, Any]) -> str:
 
 
 def _gain_cells(g: dict[str, Any] | None, scale: float = 100) -> str:
-    """Two Markdown cells: a paired gain (a Dice fraction times 100 is points; ``scale=1`` keeps ml) and
-    its 95 % interval (n/a when no pair ran)."""
+    """Two Markdown cells: a paired gain (a Dice fraction times 100 is points; ``scale=1`` keeps the
+    metric's own unit, ml or mm) and its 95 % interval (n/a when no pair ran)."""
     if not g:
         return "n/a | n/a"
     lo, hi = (scale * x for x in g["ci95"])
