@@ -836,6 +836,20 @@ def of_current_recipe(row: dict[str, Any]) -> bool:
     return row["arm"] not in ARMS or ARMS[row["arm"]].matches(row)
 
 
+def foreign_seeds(work_dir: Path, seeds: Iterable[int], cpu_flags: Sequence[str]) -> dict[int, list[str]]:
+    """Per seed of ``seeds``, the other CPU kinds its finished runs in ``work_dir`` ran on.
+
+    A paired gain pairs only runs of one CPU kind (:func:`paired_gain`), and the grid keys a run by
+    (fold, arm, seed): a run trained here at a seed another kind began pairs with nothing, and it stops
+    that kind from training the run. A session trains only the seeds of its own kind."""
+    wanted, mine = set(seeds), list(cpu_flags)
+    out: dict[int, set[str]] = {}
+    for r in read_rows(Path(work_dir) / "rows.jsonl"):
+        if r["seed"] in wanted and (flags := r.get("cpu_flags")) is not None and list(flags) != mine:
+            out.setdefault(r["seed"], set()).add(", ".join(flags))
+    return {seed: sorted(kinds) for seed, kinds in sorted(out.items())}
+
+
 def _write_if_absent(path: Path, data: Any) -> bool:
     """Write ``data`` as JSON at ``path`` unless a file is there; whether it wrote."""
     if path.is_file():

@@ -34,6 +34,7 @@ from brats import REPO, combined_cohort  # noqa: E402
 from efficacy.crossval import (  # noqa: E402
     ARMS,
     CVConfig,
+    foreign_seeds,
     remeasure,
     restore_work_dir,
     run_crossval,
@@ -124,12 +125,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.remeasure:
         moved = remeasure(work, args.remeasure, args.remeasure_seeds or cfg.seeds)
         logging.info("%d finished runs of %s to train again", moved, ", ".join(args.remeasure))
+    here = machine()
+    if not args.report_only and (
+        foreign := foreign_seeds(work, args.train_seeds or cfg.seeds, here["cpu_flags"])
+    ):
+        kinds = "; ".join(f"seed {s}: {', '.join(k)}" for s, k in foreign.items())
+        ap.error(
+            f"this CPU ({', '.join(here['cpu_flags'])}) would train seeds other CPU kinds began ({kinds}); "
+            "its runs would pair with nothing: pass --train-seeds of this kind, or a separate --work"
+        )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         cohort = combined_cohort(["train", "validation", "test"], Path(tmp))
         ing = pipeline.ingest(cohort, cache_dir=work / "cache", spec=CohortSpec(channel="flair"))
     device = pipeline.default_device()
-    here = machine()
     report = run_crossval(
         ing,
         cfg,

@@ -20,6 +20,7 @@ from efficacy.crossval import (
     choose_postprocessing,
     crossval_markdown,
     fold_data,
+    foreign_seeds,
     inner_curve_path,
     make_folds,
     paired_gain,
@@ -331,6 +332,56 @@ def test_cv_refuses_a_seed_outside_its_seeds(flag):
         timeout=120,
     )
     assert run.returncode == 2 and f"{flag} [1, 3]: every seed must lie in 0..2" in run.stderr
+
+
+def test_foreign_seeds_names_the_seeds_another_cpu_kind_began(tmp_path):
+    """A seed whose runs ran on another CPU kind is named with that kind; this kind's own seeds are not."""
+    import json
+
+    amx, epyc = ["avx2", "avx512f", "amx_bf16"], ["avx2", "avx512f"]
+    rows = [
+        {"fold": 0, "arm": "real_aug", "seed": 0, "cpu_flags": epyc},
+        {"fold": 1, "arm": "insert", "seed": 1, "cpu_flags": amx},
+        {"fold": 0, "arm": "real_aug", "seed": 1, "cpu_flags": epyc},
+        {"fold": 0, "arm": "real_aug", "seed": 2},  # an untagged row names no kind
+    ]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert foreign_seeds(tmp_path, [0, 1, 2], epyc) == {1: ["avx2, avx512f, amx_bf16"]}
+    assert foreign_seeds(tmp_path, [0, 1, 2], ["avx2"]) == {
+        0: ["avx2, avx512f"],
+        1: ["avx2, avx512f", "avx2, avx512f, amx_bf16"],
+    }
+    assert foreign_seeds(tmp_path, [0], epyc) == {}
+    assert foreign_seeds(tmp_path / "empty", [0, 1], amx) == {}
+
+
+def test_cv_refuses_to_train_a_seed_another_cpu_kind_began(tmp_path):
+    """cv.py stops before any training when a seed it would train began on another CPU kind."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    row = {"fold": 0, "arm": "real_aug", "seed": 1, "cpu_flags": ["another_kind"]}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    repo = Path(__file__).resolve().parents[2]
+    run = subprocess.run(
+        [
+            sys.executable,
+            "bench/efficacy/cv.py",
+            "--seeds",
+            "3",
+            "--train-seeds",
+            "1",
+            "--work",
+            str(tmp_path),
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "seed 1: another_kind" in run.stderr and "pair with nothing" in run.stderr
 
 
 def test_unknown_arm_is_refused():
