@@ -2,7 +2,10 @@
 efficacy/segmenter.py) on a phantom cohort with tiny settings."""
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -316,28 +319,26 @@ def test_crossval_end_to_end_resumes(cohort, tmp_path, monkeypatch):
     assert more["seeds_done"] == [0, 2] and more["seeds_begun"] == []
 
 
-@pytest.mark.parametrize("flag", ["--train-seeds", "--remeasure-seeds"])
-def test_cv_refuses_a_seed_outside_its_seeds(flag):
-    """Seed 3 in ``--train-seeds`` or ``--remeasure-seeds`` with ``--seeds 3`` would train nothing: refused."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[2]
-    run = subprocess.run(
-        [sys.executable, "bench/efficacy/cv.py", "--seeds", "3", flag, "1", "3", "--report-only"],
-        cwd=repo,
+def _cv(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run bench/efficacy/cv.py from the repository root with ``argv``; its exit code and output."""
+    return subprocess.run(
+        [sys.executable, "bench/efficacy/cv.py", *argv],
+        cwd=Path(__file__).resolve().parents[2],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize("flag", ["--train-seeds", "--remeasure-seeds"])
+def test_cv_refuses_a_seed_outside_its_seeds(flag):
+    """Seed 3 in ``--train-seeds`` or ``--remeasure-seeds`` with ``--seeds 3`` would train nothing: refused."""
+    run = _cv("--seeds", "3", flag, "1", "3", "--report-only")
     assert run.returncode == 2 and f"{flag} [1, 3]: every seed must lie in 0..2" in run.stderr
 
 
 def test_foreign_seeds_names_the_seeds_another_cpu_kind_began(tmp_path):
     """A seed whose runs ran on another CPU kind is named with that kind; this kind's own seeds are not."""
-    import json
-
     amx, epyc = ["avx2", "avx512f", "amx_bf16"], ["avx2", "avx512f"]
     rows = [
         {"fold": 0, "arm": "real_aug", "seed": 0, "cpu_flags": epyc},
@@ -357,30 +358,9 @@ def test_foreign_seeds_names_the_seeds_another_cpu_kind_began(tmp_path):
 
 def test_cv_refuses_to_train_a_seed_another_cpu_kind_began(tmp_path):
     """cv.py stops before any training when a seed it would train began on another CPU kind."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     row = {"fold": 0, "arm": "real_aug", "seed": 1, "cpu_flags": ["another_kind"]}
     (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
-    repo = Path(__file__).resolve().parents[2]
-    run = subprocess.run(
-        [
-            sys.executable,
-            "bench/efficacy/cv.py",
-            "--seeds",
-            "3",
-            "--train-seeds",
-            "1",
-            "--work",
-            str(tmp_path),
-        ],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = _cv("--seeds", "3", "--train-seeds", "1", "--work", str(tmp_path))
     assert run.returncode == 2 and "seed 1: another_kind" in run.stderr and "pair with nothing" in run.stderr
 
 
