@@ -151,6 +151,7 @@ Arm = Literal[
     "dhvae",
     "dhvae_pretrain",
     "insert_dhvae",
+    "insert_healthy_dhvae",
     "vae",
     "masks_first",
     "insert_filtered",

@@ -92,7 +92,8 @@ class Arm:
     """One arm of the comparison: the offline pairs a U-Net gets, and how its loader draws them.
 
     ``method``: where the offline pairs come from: "none", a generator of :mod:`models.registry`
-    ("insert" included), or "insert_dhvae" (dHVAE tumours pasted into real slices). ``online_insert``:
+    ("insert" included), "insert_dhvae" (dHVAE tumours pasted into real slices) or "insert_healthy_dhvae"
+    (the same, into tumour-free slices only: ``insert_healthy`` with generated tumours). ``online_insert``:
     the probability that a slice of a batch receives a real tumour of the training patients in the
     loader (TumorCP's online copy-paste); ``insert_match``: its intensity match (``InsertConfig.match``);
     ``online_recipients``: which batch slices may receive one (``InsertConfig.recipients``: "tumour"
@@ -152,8 +153,8 @@ class Arm:
         issue's question: does the generator add anything over real copy-paste?"""
         if self.online_donors == "dhvae":
             twin = replace(self, online_donors="real", donor_largest_component=False)
-        elif self.method == "insert_dhvae":
-            twin = replace(self, method="insert")
+        elif self.method in DHVAE_INSERTS:
+            twin = replace(self, method=DHVAE_INSERTS[self.method])
         else:
             return None
         return next((a.name for a in ARMS.values() if a.settings() == twin.settings()), None)
@@ -171,7 +172,10 @@ class Arm:
         return all(recorded.get(k, before[k]) == v for k, v in self.settings().items() if k != "n")
 
 
-PAIR_SOURCES = ("none", *GENERATORS, "insert_dhvae")
+# the arms' own pair sources that paste a dHVAE's tumours offline, each with the real-tumour generator it
+# mirrors (the recipients' kind included): its twin in the generator's question
+DHVAE_INSERTS = {"insert_dhvae": "insert", "insert_healthy_dhvae": "insert_healthy"}
+PAIR_SOURCES = ("none", *GENERATORS, *DHVAE_INSERTS)
 DHVAE_DONORS = 500  # dHVAE pairs an online insertion draws its tumours from (the dhvae arm's N: one draw)
 
 REFERENCE = "real_aug"  # the strong baseline
@@ -206,6 +210,7 @@ ARMS: dict[str, Arm] = {
         Arm("dhvae", method="dhvae", n=500),
         Arm("dhvae_pretrain", method="dhvae", n=500, pretrain_fraction=0.3),
         Arm("insert_dhvae", method="insert_dhvae", n=500),  # dHVAE tumours pasted into real slices
+        Arm("insert_healthy_dhvae", method="insert_healthy_dhvae", n=500),  # ... into tumour-free ones only
         Arm("vae", method="vae", n=500),
         Arm(
             "masks_first", method="spade", n=500
@@ -230,7 +235,7 @@ class CVConfig:
     eval_every: int = 100
     plateau_tol: float = 0.005
     inner_patients: int = 2  # training patients held out in turn to choose the budget (their curves averaged)
-    preset: str = "small"  # the learned generators (dhvae, vae, insert_dhvae's donors)
+    preset: str = "small"  # the learned generators (dhvae, vae, the DHVAE_INSERTS' donors)
     generator_steps: int = 2000
     generator_seed: int = 0
     sample_seed: int = 1
@@ -537,14 +542,16 @@ def fold_pairs(
     Cached in :func:`~efficacy.grid.pairs_path` (the insertion's version in the name): a draw's first
     ``n`` pairs do not depend on how many were drawn, so a longer cached draw serves a shorter one.
     """
-    out = pairs_path(work_dir, method, INSERT_VERSION if method == "insert_dhvae" else None)
+    out = pairs_path(work_dir, method, INSERT_VERSION if method in DHVAE_INSERTS else None)
     if out.is_file() and len(cached := np.load(out, allow_pickle=False)) >= n:
         return cached[:n]
-    if method == "insert_dhvae":  # the dHVAE's tumours in the training patients' real slices
+    if method in DHVAE_INSERTS:  # the dHVAE's tumours in the training patients' real slices
         donors = fold_pairs(
             "dhvae", n, fold, cfg, work_dir, progress=progress, should_stop=should_stop, device=device
         )
-        pairs = insert_pairs(donors, recipient_slices(fold.train_cases), n, seed=cfg.sample_seed)
+        healthy = DHVAE_INSERTS[method] == "insert_healthy"
+        where = InsertConfig(recipients="tumour_free" if healthy else "any")
+        pairs = insert_pairs(donors, recipient_slices(fold.train_cases, where), n, seed=cfg.sample_seed)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_npy_atomic(out, pairs)
         return pairs
@@ -1129,6 +1136,9 @@ def summarise(
     if helping:
         best, g = max(helping, key=lambda x: x[1]["mean_patient_gain"])
         arm = cfg.arm(best)
+        # with a handful of patients one of them can carry the mean: say how many gain, and the median
+        per_patient = [p["gain"] for p in g["per_patient"].values()]
+        gaining, median = sum(x > 0 for x in per_patient), 100 * float(np.median(per_patient))
         recommendation = {
             "arm": best,
             "method": arm.method,
@@ -1137,9 +1147,12 @@ def summarise(
             "ci95_points": [100 * x for x in g["ci95"]],
             "online_insert": arm.online_insert,
             "online_donors": arm.online_donors if arm.online_insert else None,
+            "patients_gaining": [gaining, len(per_patient)],
+            "median_patient_gain_points": median,
             "words": f"{best} ({arm.recipe()}) beats your real data with online augmentation by "
             f"{100 * g['mean_patient_gain']:+.1f} slice-Dice points (95 % CI {100 * g['ci95'][0]:+.1f} to "
-            f"{100 * g['ci95'][1]:+.1f}).",
+            f"{100 * g['ci95'][1]:+.1f}). It gains on {gaining} of {len(per_patient)} test patients, "
+            f"{median:+.1f} points on the median one.",
         }
     else:
         recommendation = {

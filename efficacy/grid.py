@@ -194,7 +194,7 @@ def pairs_path(work_dir: Path, method: str, version: int | None = None) -> Path:
     """Where a work folder keeps ``method``'s drawn pairs. A drawing recipe past its first version (the
     insertion's, ``models.insert.INSERT_VERSION``) has it in the file name, so a folder never serves
     pairs drawn by another version. ``version`` defaults to the generator's; a pair source outside the
-    registry (the cross-validation's ``insert_dhvae``) gives its own."""
+    registry (the cross-validation's ``DHVAE_INSERTS``) gives its own."""
     v = get_generator(method).version if version is None else version
     return work_dir / method / ("pairs.npy" if v == 1 else f"pairs-v{v}.npy")
 

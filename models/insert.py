@@ -27,13 +27,13 @@ more tumour/context combinations than the cohort holds. One insertion (:func:`in
    The new mask is the recipient's mask OR the pasted one.
 
 Two sources of tumours, one function: the training patients' real tumour slices (``insert``, the
-copy-paste baseline) or a generator's pairs (the efficacy grid's ``insert_dhvae``: dHVAE tumours in
-real slices). Three kinds of recipient (``recipients``): every brain slice (``insert``: two thirds of
-them carry a tumour already, so a pair's median tumour area is 1.9-2.0x a real slice's on the shared
-cases), or the tumour-free slices only (``insert_healthy``, after Tumor Fabrication: one tumour per
-pair, as in the cohort, on a background no real pair shows), or the slices that carry a tumour already
-(``"tumour"``, the efficacy grid's ``insert_online_tumour``: the tumour-free slices stay the clean
-negatives the cohort has). Reproducible: pair ``i`` of
+copy-paste baseline) or a generator's pairs (the efficacy grid's ``insert_dhvae`` and
+``insert_healthy_dhvae``: dHVAE tumours in real slices). Three kinds of recipient (``recipients``): every
+brain slice (``insert``: two thirds of them carry a tumour already, so a pair's median tumour area is
+1.9-2.0x a real slice's on the shared cases), or the tumour-free slices only (``insert_healthy``, after
+Tumor Fabrication: one tumour per pair, as in the cohort, on a background no real pair shows), or the
+slices that carry a tumour already (``"tumour"``, the efficacy grid's ``insert_online_tumour``: the
+tumour-free slices stay the clean negatives the cohort has). Reproducible: pair ``i`` of
 :func:`insert_pairs` depends on (seed, i) and the inputs only.
 """
 

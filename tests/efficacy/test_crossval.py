@@ -180,6 +180,13 @@ def test_paired_gain_and_the_recommendation():
         and "beats your real data" in report["recommendation"]["words"]
     )
     assert report["recommendation"]["words"].startswith("insert (500 insert pairs) beats")
+    # how many patients carry the gain: a, b, c, d gain 4, 6, 4 and 6 points
+    assert report["recommendation"]["patients_gaining"] == [4, 4]
+    assert report["recommendation"]["median_patient_gain_points"] == pytest.approx(5.0)
+    assert (
+        "It gains on 4 of 4 test patients, +5.0 points on the median one."
+        in report["recommendation"]["words"]
+    )
     # an online recipe is said as the training recipe it is, with its tumours' source
     online = [{**r, "arm": "insert_online_tumour_dhvae"} if r["arm"] == "insert" else r for r in rows]
     said = summarise(online, CVConfig(arms=(REFERENCE, "insert_online_tumour_dhvae"), seeds=(0, 1), folds=2))
@@ -514,6 +521,32 @@ def test_a_cached_draw_of_another_insertion_version_is_not_served(cohort, tmp_pa
     assert pairs_path(tmp_path, "insert") == tmp_path / "insert" / f"pairs-v{INSERT_VERSION}.npy"
     np.testing.assert_array_equal(np.load(pairs_path(tmp_path, "insert")), pairs)
     assert pairs_path(tmp_path, "vae") == tmp_path / "vae" / "pairs.npy"  # a generator without versions
+
+
+def test_dhvae_tumours_are_pasted_where_their_real_twin_pastes(cohort, tmp_path):
+    """``insert_healthy_dhvae`` pastes the fold's dHVAE tumours into its tumour-free slices only, as
+    ``insert_healthy`` pastes real ones; ``insert_dhvae`` into any slice, as ``insert``. The dHVAE's
+    pairs are taken from the work folder's cache, so no generator is fitted here."""
+    from efficacy.crossval import fold_pairs
+    from efficacy.segmenter import PatientSplit
+    from models.insert import INSERT_VERSION, InsertConfig, insert_pairs, recipient_slices
+
+    ids = sorted(c.case_id for c in cohort.slices.cases)
+    cfg = CVConfig(segmenter=TINY_UNET, n_synthetic=6)
+    fold = fold_data(cohort, PatientSplit(tuple(ids[:3]), (ids[3],)), 0, cfg)
+    pool = fold.real_pool[fold.real_pool[:, 1].any(axis=(1, 2))]  # the fold's real tumour slices
+    donors = np.concatenate([pool] * (-(-6 // len(pool))))[:6]  # stand-ins for the dHVAE's pairs
+    cached = pairs_path(tmp_path, "dhvae")
+    cached.parent.mkdir(parents=True)
+    np.save(cached, donors)
+    for method, recipients in (("insert_healthy_dhvae", "tumour_free"), ("insert_dhvae", "any")):
+        pairs = fold_pairs(method, 6, fold, cfg, tmp_path)
+        where = recipient_slices(fold.train_cases, InsertConfig(recipients=recipients))
+        np.testing.assert_array_equal(pairs, insert_pairs(donors, where, 6, seed=cfg.sample_seed))
+        assert (tmp_path / method / f"pairs-v{INSERT_VERSION}.npy").is_file()  # cached by version
+        assert set(np.unique(pairs[:, 1])) <= {0.0, 1.0} and pairs[:, 1].any(axis=(1, 2)).all()
+    assert ARMS["insert_healthy_dhvae"].real_donor_twin() == "insert_healthy"
+    assert ARMS["insert_healthy_dhvae"].inserts
 
 
 def test_a_probe_report_restores_the_arms_curves_whose_settings_still_hold(tmp_path):
