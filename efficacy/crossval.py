@@ -1081,6 +1081,17 @@ def with_postprocessing(row: dict[str, Any], keep: bool) -> dict[str, Any]:
     return {**row, POST_METRIC: row[pick], "per_case": cases}
 
 
+def postprocessed(
+    rows: Iterable[dict[str, Any]], postprocess: dict[int, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``rows``, each with :data:`POST_METRIC` where its fold chose (``postprocess``: fold ->
+    :func:`choose_postprocessing`); a row of a fold without a choice as it is."""
+    return [
+        with_postprocessing(r, postprocess[r["fold"]]["largest_component"]) if r["fold"] in postprocess else r
+        for r in rows
+    ]
+
+
 def summarise(
     rows: Sequence[dict[str, Any]], cfg: CVConfig, postprocess: dict[int, dict[str, Any]] | None = None
 ) -> dict[str, Any]:
@@ -1091,10 +1102,7 @@ def summarise(
     folds' held-out patients together)."""
     postprocess = postprocess or {}
     rows = [r for r in rows if r["arm"] in cfg.arms and r["seed"] in cfg.seeds]
-    measured = [
-        with_postprocessing(r, postprocess[r["fold"]]["largest_component"]) if r["fold"] in postprocess else r
-        for r in rows
-    ]
+    measured = postprocessed(rows, postprocess)
     table = []
     for name in cfg.arms:
         mine = [r for r in measured if r["arm"] == name]

@@ -32,7 +32,7 @@ from machine import footer, provenance, write_report  # noqa: E402
 from brats import REPO  # noqa: E402
 
 sys.path.insert(0, str(REPO))
-from efficacy.crossval import POST_METRIC, REFERENCE, paired_gain, with_postprocessing  # noqa: E402
+from efficacy.crossval import POST_METRIC, REFERENCE, paired_gain, postprocessed  # noqa: E402
 
 METRICS = ("dice_slice", POST_METRIC)
 
@@ -40,8 +40,9 @@ METRICS = ("dice_slice", POST_METRIC)
 def check(report: dict[str, Any], seeds: int, resamples: int) -> list[dict[str, Any]]:
     """Per (arm, metric): the report's interval, its lower bound's sign over ``seeds`` bootstrap seeds,
     and the interval from ``resamples`` resamples."""
-    keep = {f["fold"]: f["postprocess"]["largest_component"] for f in report["folds"] if f.get("postprocess")}
-    rows = [with_postprocessing(r, keep[r["fold"]]) if r["fold"] in keep else r for r in report["rows"]]
+    rows = postprocessed(
+        report["rows"], {f["fold"]: f["postprocess"] for f in report["folds"] if f.get("postprocess")}
+    )
     boot = report["config"]["bootstrap"]
     out = []
     for arm in report["arms"]:
@@ -51,7 +52,9 @@ def check(report: dict[str, Any], seeds: int, resamples: int) -> list[dict[str, 
             g = paired_gain(rows, arm, metric, bootstrap=boot, seed=0)
             if g is None:
                 continue
-            lows = [paired_gain(rows, arm, metric, bootstrap=boot, seed=s)["ci95"][0] for s in range(seeds)]
+            # seed 0 is the report's own interval, g
+            others = (paired_gain(rows, arm, metric, bootstrap=boot, seed=s) for s in range(1, seeds))
+            lows = [g["ci95"][0], *(o["ci95"][0] for o in others)]
             fine = paired_gain(rows, arm, metric, bootstrap=resamples, seed=0)
             out.append(
                 {
