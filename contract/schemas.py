@@ -18,10 +18,24 @@ Preset = Literal["tiny", "small", "paper"]
 # The generator a training or augmentation fits: the trained generators of models/registry.py.
 # "traditional" (nothing to train) is CLI-only for now.
 Generator = Literal["dhvae", "hvae", "vae", "lsgan", "spade"]
-# What an augmentation can use: every generator, the two that train nothing (no model is made) included.
+# What an augmentation can use: every generator, those that train nothing (no model is made) included,
+# and the donor insertions (models/registry.py's DONOR_INSERTS), which train the generator named here
+# (the model the job makes) and paste its tumours into the cohort's slices.
 Untrained = Literal["traditional", "insert", "insert_healthy"]
 UNTRAINED: tuple[str, ...] = ("traditional", "insert", "insert_healthy")
-Method = Literal["dhvae", "hvae", "vae", "lsgan", "spade", "traditional", "insert", "insert_healthy"]
+DONOR_OF: dict[str, str] = {"insert_dhvae": "dhvae", "insert_healthy_dhvae": "dhvae"}
+Method = Literal[
+    "dhvae",
+    "hvae",
+    "vae",
+    "lsgan",
+    "spade",
+    "traditional",
+    "insert",
+    "insert_healthy",
+    "insert_dhvae",
+    "insert_healthy_dhvae",
+]
 ID_PATTERN = r"^[a-z]{3}_[0-9a-f]{32}$"
 SEED_MAX = 2**32 - 1
 
@@ -116,8 +130,12 @@ class AugmentationRequest(_Body):
     n_pairs: int = Field(ge=1)
     model: Method = Field(
         "dhvae",
-        description="The generator; traditional (flips and rotations) and insert (real tumours pasted "
-        "into other slices) train nothing, so the job makes no model.",
+        description="The generator; traditional (flips and rotations), insert (real tumours pasted "
+        "into other slices) and insert_healthy (into tumour-free slices) train nothing, so the job makes "
+        "no model. insert_dhvae and insert_healthy_dhvae train a dHVAE (the job's model) and paste its "
+        "tumours where insert and insert_healthy paste real ones; min_mask_area is then the dHVAE's "
+        "rejection floor for the tumours it gives, and zero_background does not apply (a pasted pair is 0 "
+        "outside its real slice's brain).",
     )
     preset: Preset = "tiny"
     steps: int = Field(ge=1)

@@ -50,8 +50,8 @@ from imaging.files import atomic_file, write_json_atomic, write_npy_atomic
 from imaging.ingest import IngestResult
 from imaging.preprocess import ResampledCase
 from imaging.progress import ProgressFn, Reporter, StopFn
-from models.insert import INSERT_VERSION, InsertConfig, OnlineInsert, insert_pairs, recipient_slices
-from models.registry import GENERATORS
+from models.insert import INSERT_VERSION, InsertConfig, OnlineInsert, recipient_slices
+from models.registry import AUGMENTATIONS, DONOR_INSERTS
 
 from .grid import (
     EfficacyConfig,
@@ -153,8 +153,8 @@ class Arm:
         issue's question: does the generator add anything over real copy-paste?"""
         if self.online_donors == "dhvae":
             twin = replace(self, online_donors="real", donor_largest_component=False)
-        elif self.method in DHVAE_INSERTS:
-            twin = replace(self, method=DHVAE_INSERTS[self.method])
+        elif self.method in DONOR_INSERTS:
+            twin = replace(self, method=DONOR_INSERTS[self.method].twin)
         else:
             return None
         return next((a.name for a in ARMS.values() if a.settings() == twin.settings()), None)
@@ -172,10 +172,9 @@ class Arm:
         return all(recorded.get(k, before[k]) == v for k, v in self.settings().items() if k != "n")
 
 
-# the arms' own pair sources that paste a dHVAE's tumours offline, each with the real-tumour generator it
-# mirrors (the recipients' kind included): its twin in the generator's question
-DHVAE_INSERTS = {"insert_dhvae": "insert", "insert_healthy_dhvae": "insert_healthy"}
-PAIR_SOURCES = ("none", *GENERATORS, *DHVAE_INSERTS)
+# every offline pair source: none, a generator, or a donor insertion (a dHVAE's tumours pasted offline,
+# each with the real-tumour generator it mirrors: its twin in the generator's question)
+PAIR_SOURCES = ("none", *AUGMENTATIONS)
 DHVAE_DONORS = 500  # dHVAE pairs an online insertion draws its tumours from (the dhvae arm's N: one draw)
 
 REFERENCE = "real_aug"  # the strong baseline
@@ -235,7 +234,7 @@ class CVConfig:
     eval_every: int = 100
     plateau_tol: float = 0.005
     inner_patients: int = 2  # training patients held out in turn to choose the budget (their curves averaged)
-    preset: str = "small"  # the learned generators (dhvae, vae, the DHVAE_INSERTS' donors)
+    preset: str = "small"  # the learned generators (dhvae, vae, the DONOR_INSERTS' donors)
     generator_steps: int = 2000
     generator_seed: int = 0
     sample_seed: int = 1
@@ -542,16 +541,22 @@ def fold_pairs(
     Cached in :func:`~efficacy.grid.pairs_path` (the insertion's version in the name): a draw's first
     ``n`` pairs do not depend on how many were drawn, so a longer cached draw serves a shorter one.
     """
-    out = pairs_path(work_dir, method, INSERT_VERSION if method in DHVAE_INSERTS else None)
+    out = pairs_path(work_dir, method, INSERT_VERSION if method in DONOR_INSERTS else None)
     if out.is_file() and len(cached := np.load(out, allow_pickle=False)) >= n:
         return cached[:n]
-    if method in DHVAE_INSERTS:  # the dHVAE's tumours in the training patients' real slices
+    if method in DONOR_INSERTS:  # the dHVAE's tumours in the training patients' real slices
+        recipe = DONOR_INSERTS[method]
         donors = fold_pairs(
-            "dhvae", n, fold, cfg, work_dir, progress=progress, should_stop=should_stop, device=device
+            recipe.donor,
+            recipe.donor_count(n),
+            fold,
+            cfg,
+            work_dir,
+            progress=progress,
+            should_stop=should_stop,
+            device=device,
         )
-        healthy = DHVAE_INSERTS[method] == "insert_healthy"
-        where = InsertConfig(recipients="tumour_free" if healthy else "any")
-        pairs = insert_pairs(donors, recipient_slices(fold.train_cases, where), n, seed=cfg.sample_seed)
+        pairs = np.stack(list(recipe.pairs(donors, fold.train_cases, n, seed=cfg.sample_seed)))
         out.parent.mkdir(parents=True, exist_ok=True)
         write_npy_atomic(out, pairs)
         return pairs

@@ -194,7 +194,7 @@ def pairs_path(work_dir: Path, method: str, version: int | None = None) -> Path:
     """Where a work folder keeps ``method``'s drawn pairs. A drawing recipe past its first version (the
     insertion's, ``models.insert.INSERT_VERSION``) has it in the file name, so a folder never serves
     pairs drawn by another version. ``version`` defaults to the generator's; a pair source outside the
-    registry (the cross-validation's ``DHVAE_INSERTS``) gives its own."""
+    registry (``models.registry.DONOR_INSERTS``) gives its own."""
     v = get_generator(method).version if version is None else version
     return work_dir / method / ("pairs.npy" if v == 1 else f"pairs-v{v}.npy")
 
@@ -211,7 +211,7 @@ def synthetic_pairs(
 ) -> np.ndarray:
     """``cfg.n_max`` pairs ``(n, 2, H, W)`` of one generator fitted on the training patients; cached."""
     from models.checkpoint import model_from_checkpoint
-    from models.sampler import Pair, sample_pairs
+    from models.sampler import sample_array
 
     out = pairs_path(work_dir, method)
     if out.is_file():
@@ -222,7 +222,7 @@ def synthetic_pairs(
     real = data.generator_slices.slices.slices
     entry = get_generator(method)
     if entry.draw is not None:  # nothing to train: pairs drawn from the training patients' slices
-        pairs = entry.draw(data.generator_slices.slices, cfg.n_max, cfg.sample_seed)
+        pairs = np.stack(list(entry.draw(data.generator_slices.slices, cfg.n_max, cfg.sample_seed)))
     else:
         if method in cfg.pretrained:
             ckpt = Path(cfg.pretrained[method])
@@ -252,12 +252,9 @@ def synthetic_pairs(
         # for a model trained here they are already in its config.
         resample = {k: v for k, v in cfg.generator_overrides.items() if k.startswith("sampling.")}
         sampling: SamplingConfig = payload["config_obj"].replace(**resample).sampling
-        items = sample_pairs(
+        pairs = sample_array(
             model.to(device), cfg.n_max, seed=cfg.sample_seed, cfg=sampling, image_size=size, device=device
         )
-        pairs = np.stack(
-            [np.stack([p.image, p.mask.astype(np.float32)]) for p in items if isinstance(p, Pair)]
-        ).astype(np.float32)
     write_npy_atomic(out, pairs)
     return pairs
 

@@ -40,6 +40,7 @@ tumour-free slices stay the clean negatives the cohort has). Reproducible: pair 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -239,22 +240,24 @@ def poisson_blend(source: np.ndarray, target: np.ndarray, region: np.ndarray) ->
     return out.astype(np.float32)
 
 
-def insert_pairs(
+def iter_insert_pairs(
     donors: np.ndarray,
     recipients: np.ndarray,
     n: int,
     *,
     seed: int,
     cfg: InsertConfig | None = None,
-) -> np.ndarray:
-    """``n`` pairs ``(n, 2, H, W)``: each a recipient slice with one donor tumour pasted in.
+) -> Iterator[np.ndarray]:
+    """Yield ``n`` pairs ``(2, H, W)`` one at a time: each a recipient slice with one donor tumour pasted
+    in (what :func:`insert_pairs` stacks; an export streams them, so memory does not grow with ``n``).
 
     Args:
         donors: ``(Nd, 2, H, W)`` [image, mask] slices whose tumours are pasted (real or generated).
         recipients: ``(Nr, 2, H, W)`` slices that receive them (:func:`recipient_slices`).
         n: pairs to make. seed: pair ``i`` draws from ``numpy.random.default_rng([seed, i])``.
 
-    Returns float32 pairs: image in [0, 1] and zero outside the recipient's brain, mask exactly {0, 1}.
+    Yields float32 pairs: image in [0, 1] and zero outside the recipient's brain, mask exactly {0, 1}.
+    The inputs are checked before the first pair.
     """
     donors, recipients = np.asarray(donors, np.float32), np.asarray(recipients, np.float32)
     for name, a in (("donors", donors), ("recipients", recipients)):
@@ -268,18 +271,35 @@ def insert_pairs(
     if not len(usable):
         raise ValueError("no donor has a tumour large enough to paste")
     inserter = Inserter(cfg)
-    out = np.empty((n, *recipients.shape[1:]), np.float32)
+    return _pasted(inserter, donors[usable], recipients, n, seed)
+
+
+def _pasted(
+    inserter: Inserter, donors: np.ndarray, recipients: np.ndarray, n: int, seed: int
+) -> Iterator[np.ndarray]:
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         for _ in range(100):
-            pair = inserter(
-                donors[usable[rng.integers(len(usable))]], recipients[rng.integers(len(recipients))], rng
-            )
+            pair = inserter(donors[rng.integers(len(donors))], recipients[rng.integers(len(recipients))], rng)
             if pair is not None:
-                out[i] = pair
+                yield pair.astype(np.float32, copy=False)
                 break
         else:
             raise ValueError(f"pair {i}: no donor tumour fitted into a recipient brain in 100 draws")
+
+
+def insert_pairs(
+    donors: np.ndarray,
+    recipients: np.ndarray,
+    n: int,
+    *,
+    seed: int,
+    cfg: InsertConfig | None = None,
+) -> np.ndarray:
+    """The ``n`` pairs of :func:`iter_insert_pairs` as one ``(n, 2, H, W)`` float32 array."""
+    out = np.empty((n, 2, *np.shape(recipients)[2:]), np.float32)
+    for i, pair in enumerate(iter_insert_pairs(donors, recipients, n, seed=seed, cfg=cfg)):
+        out[i] = pair
     return out
 
 
@@ -310,12 +330,12 @@ class OnlineInsert:
         return out
 
 
-def draw_insert(slices, n: int, seed: int, cfg: InsertConfig | None = None) -> np.ndarray:
-    """The registry's ``insert``: ``n`` pairs with the balanced tumour slices of a cohort (a SliceSet)
-    as donors and every brain slice of its cases as recipients."""
-    return insert_pairs(slices.slices, recipient_slices(slices.cases, cfg), n, seed=seed, cfg=cfg)
+def draw_insert(slices, n: int, seed: int, cfg: InsertConfig | None = None) -> Iterator[np.ndarray]:
+    """The registry's ``insert``: ``n`` pairs, one at a time, with the balanced tumour slices of a cohort
+    (a SliceSet) as donors and every brain slice of its cases as recipients."""
+    return iter_insert_pairs(slices.slices, recipient_slices(slices.cases, cfg), n, seed=seed, cfg=cfg)
 
 
-def draw_insert_healthy(slices, n: int, seed: int) -> np.ndarray:
+def draw_insert_healthy(slices, n: int, seed: int) -> Iterator[np.ndarray]:
     """The registry's ``insert_healthy``: as :func:`draw_insert`, into tumour-free slices only."""
     return draw_insert(slices, n, seed, InsertConfig(recipients="tumour_free"))

@@ -15,6 +15,13 @@ spade          masks first: a real mask moved and resized, an image rendered   :
                for it by MONAI's SPADE network (our extension)
 =============  ==============================================================  =========================
 
+A donor insertion (:data:`DONOR_INSERTS`, our extension) is not a generator but a recipe on top of one:
+it trains a generator (the dHVAE), samples ``donors`` of its pairs, and pastes their tumours into the
+cohort's real slices (:func:`models.insert.iter_insert_pairs`), with the recipients of its real-donor
+twin. ``insert_dhvae`` pastes into any brain slice (twin: ``insert``); ``insert_healthy_dhvae`` into
+tumour-free slices only (twin: ``insert_healthy``). An augmentation can use every name of
+:data:`AUGMENTATIONS`: the generators and the donor insertions.
+
 A generator with a class is trained by :func:`models.train.fit` on a preset of ``models/config.py``
 (``config.model`` is its name) and sampled by :func:`models.sampler.sample_pairs`; one without draws
 its pairs from the real slices directly (``draw(slices, n, seed)``, with ``slices`` an
@@ -25,7 +32,7 @@ its name in ``contract/schemas.py``'s ``Generator`` (the drift test says so if y
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -36,7 +43,15 @@ from imaging.errors import DHVAEError
 
 from .config import DHVAEConfig
 from .dhvae import DHVAE
-from .insert import INSERT_VERSION, draw_insert, draw_insert_healthy
+from .insert import (
+    INSERT_VERSION,
+    InsertConfig,
+    Recipients,
+    draw_insert,
+    draw_insert_healthy,
+    iter_insert_pairs,
+    recipient_slices,
+)
 from .lsgan import LSGAN
 from .masks_first import MasksFirst
 from .traditional import draw_traditional
@@ -50,7 +65,8 @@ class GeneratorEntry:
     name: str
     description: str
     model_class: type[nn.Module] | None  # None: nothing to train (pairs come from the real slices)
-    draw: Callable[[Any, int, int], np.ndarray] | None = None  # (SliceSet, n, seed) -> (n, 2, H, W) pairs
+    # (SliceSet, n, seed) -> the n pairs, (2, H, W) each, one at a time
+    draw: Callable[[Any, int, int], Iterator[np.ndarray]] | None = None
     version: int = 1  # its drawing recipe's: a cache of pairs drawn by another version is stale
 
     @property
@@ -90,6 +106,48 @@ REGISTRY: dict[str, GeneratorEntry] = {
 GENERATORS: tuple[str, ...] = tuple(REGISTRY)
 TRAINED: tuple[str, ...] = tuple(name for name, e in REGISTRY.items() if e.trained)
 DEFAULT = "dhvae"
+
+
+@dataclass(frozen=True)
+class DonorInsert:
+    """A trained generator's tumours pasted into the cohort's real slices (see the module's docstring)."""
+
+    name: str
+    twin: str  # the registry's recipe that pastes real tumours into the same recipients
+    recipients: Recipients
+    donor: str = "dhvae"  # the generator trained for its tumours
+    # generator pairs sampled for their tumours: at most this many, fewer when fewer pairs are asked
+    # (the efficacy grid's N = 500: one donor per pair); so memory does not grow with the pairs asked
+    donors: int = 500
+
+    def donor_count(self, n_pairs: int) -> int:
+        return min(n_pairs, self.donors)
+
+    def pairs(self, donors: np.ndarray, cases: Any, n: int, *, seed: int) -> Iterator[np.ndarray]:
+        """``n`` pairs ``(2, H, W)``, one at a time: the tumours of ``donors`` (the generator's pairs)
+        pasted into the recipient slices of ``cases`` (ResampledCase-like)."""
+        cfg = InsertConfig(recipients=self.recipients)
+        return iter_insert_pairs(donors, recipient_slices(cases, cfg), n, seed=seed, cfg=cfg)
+
+
+DONOR_INSERTS: dict[str, DonorInsert] = {
+    d.name: d
+    for d in (
+        DonorInsert("insert_dhvae", twin="insert", recipients="any"),
+        DonorInsert("insert_healthy_dhvae", twin="insert_healthy", recipients="tumour_free"),
+    )
+}
+AUGMENTATIONS: tuple[str, ...] = (*GENERATORS, *DONOR_INSERTS)  # what an augmentation can use
+
+
+def trained_generator(name: str) -> str | None:
+    """The generator an augmentation by ``name`` (of :data:`AUGMENTATIONS`) trains, or None if it trains
+    nothing; a DHVAEError naming the choices if ``name`` is neither a generator nor a donor insertion."""
+    if name in DONOR_INSERTS:
+        return DONOR_INSERTS[name].donor
+    if name not in REGISTRY:
+        raise DHVAEError(f"unknown method {name!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    return name if REGISTRY[name].trained else None
 
 
 def get_generator(name: str) -> GeneratorEntry:

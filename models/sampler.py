@@ -121,3 +121,21 @@ def sample_pairs(
                 f"(acceptance {accepted / max(draws, 1):.1%}): at that rate {n} cannot be reached within "
                 f"the cap of {cap} draws. Train longer, or lower min_mask_area."
             )
+
+
+def sample_array(
+    model: Trainable,
+    n: int,
+    *,
+    seed: int,
+    cfg: SamplingConfig,
+    image_size: int,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """The ``n`` accepted pairs of :func:`sample_pairs` as one ``(n, 2, H, W)`` float32 array: image in
+    [0, 1], mask {0, 1}."""
+    out = np.empty((n, 2, image_size, image_size), np.float32)
+    for item in sample_pairs(model, n, seed=seed, cfg=cfg, image_size=image_size, device=device):
+        if isinstance(item, Pair):
+            out[item.index, 0], out[item.index, 1] = item.image, item.mask
+    return out

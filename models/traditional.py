@@ -15,6 +15,7 @@ permutations, so every real slice is augmented once before any is augmented twic
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,23 +33,29 @@ class TraditionalAugConfig:
     mask_threshold: float = 0.5
 
 
-def source_indices(n_real: int, n: int, *, seed: int) -> np.ndarray:
-    """The real slice each of the ``n`` augmented pairs comes from: concatenated seeded permutations.
-
-    Returns ``(n,)`` int64 indices in ``[0, n_real)``.
-    """
+def iter_source_indices(n_real: int, n: int, *, seed: int) -> Iterator[int]:
+    """The real slice each of the ``n`` augmented pairs comes from, one at a time: concatenated seeded
+    permutations of ``[0, n_real)``, drawn as they are needed."""
     if n_real < 1:
         raise ValueError("no real slices to augment")
-    rng = np.random.default_rng(seed)
-    reps = math.ceil(n / n_real) if n > 0 else 0
-    order = [rng.permutation(n_real) for _ in range(reps)]
-    return np.concatenate(order)[:n].astype(np.int64) if order else np.zeros(0, np.int64)
+    return _permutations(n_real, n, np.random.default_rng(seed))
 
 
-def augment_pairs(
+def _permutations(n_real: int, n: int, rng: np.random.Generator) -> Iterator[int]:
+    for start in range(0, n, n_real):
+        yield from rng.permutation(n_real)[: n - start].tolist()
+
+
+def source_indices(n_real: int, n: int, *, seed: int) -> np.ndarray:
+    """:func:`iter_source_indices` as ``(n,)`` int64 indices."""
+    return np.fromiter(iter_source_indices(n_real, n, seed=seed), np.int64, count=max(n, 0))
+
+
+def iter_augment_pairs(
     real: np.ndarray, n: int, *, seed: int, cfg: TraditionalAugConfig | None = None
-) -> np.ndarray:
-    """``n`` augmented pairs from ``real`` slices.
+) -> Iterator[np.ndarray]:
+    """Yield ``n`` augmented pairs ``(2, H, W)`` from ``real`` slices, one at a time (what
+    :func:`augment_pairs` stacks; an export streams them, so memory does not grow with ``n``).
 
     Args:
         real: ``(N, 2, H, W)`` float ``[image, mask]``, image in [0, 1], mask in {0, 1}.
@@ -56,8 +63,8 @@ def augment_pairs(
         seed: seeds both the choice of sources and the transforms.
         cfg: flip / rotation parameters.
 
-    Returns:
-        ``(n, 2, H, W)`` float32: image in [0, 1], mask exactly {0, 1}.
+    Yields ``(2, H, W)`` float32: image in [0, 1], mask exactly {0, 1}. The inputs are checked before
+    the first pair.
     """
     cfg = cfg or TraditionalAugConfig()
     real = np.asarray(real)
@@ -65,8 +72,12 @@ def augment_pairs(
         raise ValueError(f"real slices must be (N, 2, H, W) [image, mask], got shape {real.shape}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    src = source_indices(real.shape[0], n, seed=seed)
+    return _augmented(real, iter_source_indices(real.shape[0], n, seed=seed), seed, cfg)
 
+
+def _augmented(
+    real: np.ndarray, src: Iterator[int], seed: int, cfg: TraditionalAugConfig
+) -> Iterator[np.ndarray]:
     # One RandomState drives every transform, in a fixed order per pair: the sequence is seeded end to end.
     state = np.random.RandomState(seed)
     flips = [RandFlip(prob=cfg.flip_prob, spatial_axis=axis) for axis in (0, 1)]
@@ -75,20 +86,31 @@ def augment_pairs(
     )
     for t in (*flips, rotate):
         t.set_random_state(state=state)
-
-    out = np.empty((n, *real.shape[1:]), dtype=np.float32)
-    for i, s in enumerate(src):
+    for s in src:
         pair = real[s].astype(np.float32)  # (2, H, W): MONAI's channel-first array layout
         for flip in flips:
             pair = flip(pair)  # one draw, both channels flipped together
         rotate.randomize(None)  # one angle for the pair, then each channel with its own interpolation
         image = rotate(pair[0:1], mode="bilinear", randomize=False)
         mask = rotate(pair[1:2], mode="nearest", randomize=False)
-        out[i, 0] = np.clip(convert_to_numpy(image)[0], 0.0, 1.0)
-        out[i, 1] = convert_to_numpy(mask)[0] > cfg.mask_threshold
+        out = np.empty((2, *real.shape[2:]), np.float32)
+        out[0] = np.clip(convert_to_numpy(image)[0], 0.0, 1.0)
+        out[1] = convert_to_numpy(mask)[0] > cfg.mask_threshold
+        yield out
+
+
+def augment_pairs(
+    real: np.ndarray, n: int, *, seed: int, cfg: TraditionalAugConfig | None = None
+) -> np.ndarray:
+    """The ``n`` pairs of :func:`iter_augment_pairs` as one ``(n, 2, H, W)`` float32 array."""
+    pairs = iter_augment_pairs(real, n, seed=seed, cfg=cfg)
+    out = np.empty((n, 2, *np.shape(real)[2:]), dtype=np.float32)
+    for i, pair in enumerate(pairs):
+        out[i] = pair
     return out
 
 
-def draw_traditional(slices, n: int, seed: int) -> np.ndarray:
-    """The registry's draw: ``n`` augmented pairs of a cohort's balanced tumour slices (a SliceSet)."""
-    return augment_pairs(slices.slices, n, seed=seed)
+def draw_traditional(slices, n: int, seed: int) -> Iterator[np.ndarray]:
+    """The registry's draw: ``n`` augmented pairs of a cohort's balanced tumour slices (a SliceSet), one
+    at a time."""
+    return iter_augment_pairs(slices.slices, n, seed=seed)

@@ -16,7 +16,7 @@ from typing import Any
 from imaging import __version__
 from imaging.errors import CohortError, DHVAEError
 from models.config import PRESETS
-from models.registry import DEFAULT, GENERATORS, TRAINED
+from models.registry import AUGMENTATIONS, DEFAULT, TRAINED
 
 log = logging.getLogger("dhvae")
 DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every --help shows each flag's default
@@ -82,7 +82,11 @@ def _cohort_args(p: argparse.ArgumentParser) -> None:
 
 def _train_args(p: argparse.ArgumentParser, models: tuple[str, ...]) -> None:
     p.add_argument(
-        "--model", default=DEFAULT, choices=models, help="generator: the dHVAE (default) or a baseline"
+        "--model",
+        default=DEFAULT,
+        choices=models,
+        help="generator: the dHVAE (default) or a baseline; augment also takes a donor insertion "
+        "(insert_dhvae, insert_healthy_dhvae: a dHVAE's tumours pasted into the cohort's slices)",
     )
     p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="see `dhvae presets`")
     p.add_argument("--steps", type=int, default=1000)
@@ -148,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=DEFAULTS,
     )
     _cohort_args(p)
-    _train_args(p, GENERATORS)
+    _train_args(p, AUGMENTATIONS)
     _gen_args(p)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument(

@@ -12,6 +12,7 @@ byte-identical to one that was never interrupted.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,8 +35,17 @@ from imaging.progress import ProgressFn, Reporter, StopFn
 from models.checkpoint import load_checkpoint, model_from_checkpoint
 from models.config import PRESETS, DHVAEConfig, SamplingConfig, get_preset
 from models.dhvae import DHVAE
-from models.registry import DEFAULT, TRAINED, build_model, get_generator
-from models.sampler import BatchDone, sample_pairs
+from models.insert import INSERT_VERSION, InsertConfig
+from models.registry import (
+    DEFAULT,
+    DONOR_INSERTS,
+    TRAINED,
+    DonorInsert,
+    build_model,
+    get_generator,
+    trained_generator,
+)
+from models.sampler import BatchDone, sample_array, sample_pairs
 from models.train import Trainable, fit
 
 log = logging.getLogger(__name__)
@@ -47,8 +57,9 @@ Spec = TypeVar("Spec", "TrainSpec", "SampleSpec")
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """A training: which generator (:mod:`models.registry`), preset, steps and seed, an optional base
-    checkpoint to fine-tune from, and dotted config overrides (``{"loss.alpha": 0.01}``)."""
+    """A training: which generator (:mod:`models.registry`; a donor insertion trains its donor), preset,
+    steps and seed, an optional base checkpoint to fine-tune from, and dotted config overrides
+    (``{"loss.alpha": 0.01}``)."""
 
     model: str = DEFAULT
     preset: str = "small"
@@ -58,7 +69,7 @@ class TrainSpec:
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        get_generator(self.model)  # a DHVAEError naming the choices
+        trained_generator(self.model)  # a DHVAEError naming the choices
         if self.preset not in PRESETS:
             raise DHVAEError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.steps < 1 or self.seed < 0:
@@ -110,7 +121,11 @@ def default_device() -> torch.device:
 
 def make_config(spec: TrainSpec, image_size: int) -> DHVAEConfig:
     """The spec's preset with its generator, steps, seed and the slice size, plus its dotted overrides."""
-    run = {"model": spec.model, "train.steps": spec.steps, "train.seed": spec.seed}
+    run = {
+        "model": trained_generator(spec.model) or spec.model,
+        "train.steps": spec.steps,
+        "train.seed": spec.seed,
+    }
     cfg = get_preset(spec.preset).replace(**{**run, "network.image_size": image_size, **spec.overrides})
     if cfg.model not in TRAINED:
         raise DHVAEError(f"generator {cfg.model!r} trains nothing; choose one of {', '.join(TRAINED)}")
@@ -372,7 +387,9 @@ def augment(
 
     ``train_spec.model`` names a generator of :mod:`models.registry`; one that trains nothing
     ("traditional": flips and rotations of the real slices; "insert": real tumours pasted into other
-    slices) goes straight to the export.
+    slices) goes straight to the export. A donor insertion (``models.registry.DONOR_INSERTS``) trains
+    its donor generator and pastes that generator's tumours into the cohort's slices
+    (:func:`generate_inserted`).
     """
     out_dir = Path(out_dir)
     model_dir = Path(model_dir) if model_dir else out_dir.parent / f".{out_dir.name}.model"
@@ -385,7 +402,7 @@ def augment(
         }
     }
     hooks: dict[str, Any] = {"progress": progress, "should_stop": should_stop}
-    if not get_generator(train_spec.model).trained:
+    if trained_generator(train_spec.model) is None:
         gen = generate_untrained(
             ing,
             train_spec.model,
@@ -397,6 +414,19 @@ def augment(
         )
         return AugmentResult(out_dir, None, ing.summary, gen)
     ckpt = train(ing, train_spec, model_dir=model_dir, device=device, **hooks)
+    if train_spec.model in DONOR_INSERTS:
+        gen = generate_inserted(
+            ckpt,
+            ing,
+            DONOR_INSERTS[train_spec.model],
+            sample_spec,
+            out_dir=out_dir,
+            real=real_cases(data, ing, sample_spec),
+            manifest_extras=cohort_info,
+            device=device,
+            **hooks,
+        )
+        return AugmentResult(out_dir, ckpt, ing.summary, gen)
     gen = generate(
         ckpt,
         sample_spec,
@@ -442,21 +472,107 @@ def generate_untrained(
     """A generator that trains nothing, in the same export: its pairs drawn from the cohort's slices
     (``models.registry`` ``draw``: flips and rotations, or pasted tumours), the real cases, dataset.json
     and manifest.json. Deterministic per seed."""
-    from models.insert import InsertConfig
     from models.traditional import TraditionalAugConfig
 
     draw = get_generator(model).draw
     if draw is None:
         raise DHVAEError(f"generator {model!r} is trained: use train() and generate()")
-    n_pairs, seed, slices_per_volume = spec.n_pairs, spec.seed, spec.slices_per_volume
-    size = ing.slices.slices.shape[-2:]
     config = vars(TraditionalAugConfig() if model == "traditional" else InsertConfig())
-    pairs = draw(ing.slices, n_pairs * slices_per_volume, seed)
+    pairs = draw(ing.slices, spec.n_pairs * spec.slices_per_volume, spec.seed)
+    return _export_drawn(
+        ing,
+        pairs,
+        spec,
+        {"model": model, "config": config},
+        out_dir=out_dir,
+        real=real,
+        manifest_extras=manifest_extras,
+        progress=progress,
+        should_stop=should_stop,
+    )
+
+
+def generate_inserted(
+    checkpoint: Path,
+    ing: IngestResult,
+    recipe: DonorInsert,
+    spec: SampleSpec,
+    *,
+    out_dir: Path,
+    real: Iterable[ResampledCase] | None = None,
+    manifest_extras: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    device: torch.device | str | None = None,
+) -> GenerateResult:
+    """A donor insertion's export: ``recipe.donor_count`` pairs sampled from the generator at
+    ``checkpoint`` (with ``spec.seed``, and ``spec.min_mask_area`` as its rejection floor if given), their
+    tumours pasted into the cohort's recipient slices (:meth:`models.registry.DonorInsert.pairs`), in
+    the export of :func:`generate_untrained`. Deterministic per (checkpoint, seed)."""
+    device = device or default_device()
+    model, payload = model_from_checkpoint(Path(checkpoint), map_location=device)
+    cfg: DHVAEConfig = payload["config_obj"]
+    size = cfg.network.image_size
+    if ing.slices.slices.shape[-2:] != (size, size):
+        raise DHVAEError(
+            f"the {cfg.model} model makes {size} px slices; the cohort's are {ing.slices.slices.shape[-1]} px"
+        )
+    sampling = cfg.sampling if spec.min_mask_area is None else _with_floor(cfg, spec.min_mask_area)
+    total = spec.n_pairs * spec.slices_per_volume
+    donors = sample_array(
+        model.to(device),
+        recipe.donor_count(total),
+        seed=spec.seed,
+        cfg=sampling,
+        image_size=size,
+        device=device,
+    )
+    generator = {
+        "model": recipe.name,
+        "donor": {
+            "model": cfg.model,
+            "preset": cfg.preset,
+            "checkpoint_sha256": sha256_file(Path(checkpoint)),
+            "trained_steps": payload["step"],
+            "pairs": len(donors),
+            "min_mask_area": sampling.area_floor(size),
+        },
+        "config": {**vars(InsertConfig(recipients=recipe.recipients)), "version": INSERT_VERSION},
+    }
+    return _export_drawn(
+        ing,
+        recipe.pairs(donors, ing.slices.cases, total, seed=spec.seed),
+        spec,
+        generator,
+        out_dir=out_dir,
+        real=real,
+        manifest_extras=manifest_extras,
+        progress=progress,
+        should_stop=should_stop,
+    )
+
+
+def _export_drawn(
+    ing: IngestResult,
+    pairs: Iterator[np.ndarray],
+    spec: SampleSpec,
+    generator: dict[str, Any],
+    *,
+    out_dir: Path,
+    real: Iterable[ResampledCase] | None,
+    manifest_extras: dict[str, Any] | None,
+    progress: ProgressFn | None,
+    should_stop: StopFn | None,
+) -> GenerateResult:
+    """Write ``spec.n_pairs`` volumes of ``spec.slices_per_volume`` slices from ``pairs`` (``(2, H, W)``
+    each, consumed as they are written: memory does not grow with the pairs asked), with the real cases,
+    dataset.json and manifest.json (``generator`` its generator's entry)."""
+    n_pairs, per_volume = spec.n_pairs, spec.slices_per_volume
     exporter = NnUNetExporter(
         out_dir,
         ing.channel.upper(),
         grid=ing.slices.cases[0].affine,
-        slice_shape=size,
+        slice_shape=ing.slices.slices.shape[-2:],
         real_cases_geometry=spec.real_cases,
     )
     for case in ing.slices.cases if real is None else real:
@@ -464,16 +580,15 @@ def generate_untrained(
     reporter = Reporter("generate", n_pairs, "pairs", progress, should_stop)
     for v in range(n_pairs):
         reporter.check_cancelled()
-        with exporter.open_synthetic(v, slices_per_volume) as writer:
-            for pair in pairs[v * slices_per_volume : (v + 1) * slices_per_volume]:
+        with exporter.open_synthetic(v, per_volume) as writer:
+            for pair in itertools.islice(pairs, per_volume):
                 writer.write(pair[0], (pair[1] > 0.5).astype(np.uint8))
         reporter.report(v + 1)
     exporter.finalize(
         {
-            "generator": {"model": model, "config": config},
-            "generation": {"seed": seed, "n_pairs": n_pairs, "slices_per_volume": slices_per_volume},
+            "generator": generator,
+            "generation": {"seed": spec.seed, "n_pairs": n_pairs, "slices_per_volume": per_volume},
             **(manifest_extras or {}),
         }
     )
-    total = n_pairs * slices_per_volume
-    return GenerateResult(Path(out_dir), n_pairs, slices_per_volume, total, 1.0, 0)
+    return GenerateResult(Path(out_dir), n_pairs, per_volume, n_pairs * per_volume, 1.0, 0)

@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 
 from contract.records import JobRecord, ModelRecord
 from contract.schemas import (
+    DONOR_OF,
     UNTRAINED,
     AugmentationRequest,
     AugmentTask,
@@ -137,6 +138,8 @@ def submit_model_job(
     request = body.model_dump()
     if model_id:
         described = {k: v for k, v in request.items() if k in ModelRecord.model_fields}
+        # a donor insertion's model is the generator it trains for its tumours
+        described["model"] = DONOR_OF.get(body.model, body.model)
         create_model_record(ctx, tenant, model_id, source="training", job_id=job_id, **described)
     try:
         submit(

@@ -9,14 +9,15 @@ from typing import get_args, get_type_hints
 from contract import schemas
 from efficacy.segmenter import OPTIMIZER_LR, PROTOCOLS, UNET_WIDTHS, SegmenterConfig
 from models.config import PRESETS
-from models.registry import DEFAULT, GENERATORS, REGISTRY, TRAINED
+from models.registry import AUGMENTATIONS, DEFAULT, DONOR_INSERTS, GENERATORS, REGISTRY, TRAINED
 
 
 def test_generator_names_are_the_registry_s():
     assert set(get_args(schemas.Generator)) == set(TRAINED)  # what a training can fit
     assert set(get_args(schemas.Baseline)) == set(GENERATORS) - {DEFAULT}  # what an evaluation compares
     assert schemas.TrainingRequest.model_fields["model"].default == DEFAULT
-    assert set(get_args(schemas.Method)) == set(GENERATORS)  # what an augmentation can use
+    assert set(get_args(schemas.Method)) == set(AUGMENTATIONS)  # what an augmentation can use
+    assert schemas.DONOR_OF == {name: d.donor for name, d in DONOR_INSERTS.items()}
     assert set(schemas.UNTRAINED) == set(get_args(schemas.Untrained)) == set(GENERATORS) - set(TRAINED)
 
 

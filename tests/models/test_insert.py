@@ -126,7 +126,7 @@ def test_registry_draws_insert_from_a_slice_set():
 
     entry = get_generator("insert")
     assert not entry.trained and entry.draw is not None
-    pairs = entry.draw(SliceSet(), 3, 0)
+    pairs = np.stack(list(entry.draw(SliceSet(), 3, 0)))
     assert pairs.shape == (3, 2, 48, 48)
 
 
@@ -179,7 +179,10 @@ def test_insert_healthy_pastes_one_tumour_into_tumour_free_slices_only():
         slices = _slices(4)
         cases = [case]
 
-    pairs = get_generator("insert_healthy").draw(SliceSet(), 8, 0)
+    def draw(name: str) -> np.ndarray:
+        return np.stack(list(get_generator(name).draw(SliceSet(), 8, 0)))
+
+    pairs = draw("insert_healthy")
     assert pairs.shape == (8, 2, 48, 48) and set(np.unique(pairs[:, 1])) == {0.0, 1.0}
     for p in pairs:
         assert ndimage.label(p[1] > 0.5)[1] == 1  # the pasted tumour, and nothing of the recipient's
@@ -187,8 +190,8 @@ def test_insert_healthy_pastes_one_tumour_into_tumour_free_slices_only():
         # the recipient is one of the tumour-free slices (outside the pasted tumour's feathered edge)
         away = ~ndimage.binary_dilation(p[1] > 0.5, iterations=10)
         assert min(np.abs(p[0] - h[0])[away].max() for h in healthy) < 1e-3
-    np.testing.assert_array_equal(pairs, get_generator("insert_healthy").draw(SliceSet(), 8, 0))
-    anywhere = get_generator("insert").draw(SliceSet(), 8, 0)
+    np.testing.assert_array_equal(pairs, draw("insert_healthy"))
+    anywhere = draw("insert")
     assert max(ndimage.label(p[1] > 0.5)[1] for p in anywhere) == 2  # a tumour slice got a second one
     with pytest.raises(ValueError, match="no tumour-free slice"):
         recipient_slices([_volume(interleaved[::2])], InsertConfig(recipients="tumour_free"))  # tumours only

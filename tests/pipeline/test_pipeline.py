@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from imaging.cohort import CohortSpec
 from imaging.errors import Cancelled, LowAcceptance
@@ -255,6 +256,70 @@ def test_augment_with_a_baseline_gives_the_same_export(trained, tmp_path, model)
     if model == "hvae":  # a generated image is 0 outside its brain (zero_background, the default)
         img = np.asarray(nib.load(tmp_path / model / "imagesTr" / "synth_00000_0000.nii.gz").dataobj)
         assert (img == 0).any()
+
+
+def test_a_donor_insertion_pastes_its_dhvae_s_tumours_into_tumour_free_slices(trained, tmp_path):
+    """``insert_healthy_dhvae``: the job trains a dHVAE (its model), samples donors from it and pastes
+    their tumours into the cohort's tumour-free slices, exactly the recipe the efficacy grid measured
+    (``DonorInsert.pairs`` over ``sample_array``); binary masks inside the brain, deterministic per seed."""
+    from models.checkpoint import load_checkpoint, model_from_checkpoint
+    from models.insert import brain_mask
+    from models.registry import DONOR_INSERTS
+    from models.sampler import sample_array
+
+    root, cohort, ing, ckpt = trained
+    spec = SampleSpec(n_pairs=3, slices_per_volume=2, seed=5, min_mask_area=40)
+    runs = [
+        pipeline.augment(
+            ing,
+            TrainSpec(model="insert_healthy_dhvae", preset="tiny", steps=22, seed=3, base_checkpoint=ckpt),
+            spec,
+            out_dir=tmp_path / name,
+            model_dir=tmp_path / f"{name}.model",
+            device="cpu",
+        )
+        for name in ("a", "b")
+    ]
+    manifest = verify_dataset(tmp_path / "a")
+    generator = manifest["generator"]
+    assert generator["model"] == "insert_healthy_dhvae" and generator["config"]["recipients"] == "tumour_free"
+    assert generator["donor"]["model"] == "dhvae" and generator["donor"]["pairs"] == 6  # min(3 x 2, 500)
+    assert load_checkpoint(runs[0].checkpoint)["config_obj"].model == "dhvae"  # the job's model
+    assert synthetic_bytes(tmp_path / "a") == synthetic_bytes(tmp_path / "b")
+
+    model, payload = model_from_checkpoint(runs[0].checkpoint)
+    sampling = payload["config_obj"].replace(**{"sampling.min_mask_area": 40}).sampling
+    donors = sample_array(model, 6, seed=5, cfg=sampling, image_size=64)
+    want = list(DONOR_INSERTS["insert_healthy_dhvae"].pairs(donors, ing.slices.cases, 6, seed=5))
+    healthy = [
+        c.image[:, :, k]
+        for c in ing.slices.cases
+        for k in range(c.image.shape[-1])
+        if not c.mask[:, :, k].any()
+    ]
+    for v in range(3):
+        image = np.asarray(nib.load(tmp_path / "a" / "imagesTr" / f"synth_{v:05d}_0000.nii.gz").dataobj)
+        mask = np.asarray(nib.load(tmp_path / "a" / "labelsTr" / f"synth_{v:05d}.nii.gz").dataobj)
+        assert image.shape == mask.shape == (64, 64, 2) and set(np.unique(mask)) == {0, 1}
+        for k in range(2):
+            np.testing.assert_allclose(image[:, :, k], want[2 * v + k][0], atol=1e-6)
+            np.testing.assert_array_equal(mask[:, :, k], want[2 * v + k][1])
+            assert mask[:, :, k].sum() >= 30 and not (mask[:, :, k] & ~brain_mask(image[:, :, k])).any()
+            away = ~ndimage.binary_dilation(mask[:, :, k] > 0, iterations=12)  # the recipient, off the tumour
+            assert min(np.abs(image[:, :, k] - h)[away].max() for h in healthy) < 1e-3
+
+
+def test_the_drawn_augmentations_stream_their_pairs(trained):
+    """A generator that trains nothing yields its pairs one at a time, so an export of N pairs holds one
+    in memory, not N: a billion pairs are asked for and the first comes at once."""
+    from models.registry import get_generator
+
+    _, _, ing, _ = trained
+    for name in ("traditional", "insert", "insert_healthy"):
+        pairs = get_generator(name).draw(ing.slices, 10**9, 0)
+        assert not isinstance(pairs, np.ndarray)
+        first = next(iter(pairs))
+        assert first.shape == (2, 64, 64) and first.dtype == np.float32
 
 
 def test_augment_can_export_the_cases_as_uploaded(trained, tmp_path):

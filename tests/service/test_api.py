@@ -395,16 +395,22 @@ def test_redis_down_is_503_with_retry_after(client, redis_server):
         redis_server.start()
 
 
-@pytest.mark.parametrize("generator", ["lsgan", "hvae"])
-def test_a_baseline_generator_is_passed_to_the_worker(client, settings, cohort_id, generator):
+@pytest.mark.parametrize(
+    ("method", "generator"), [("lsgan", "lsgan"), ("hvae", "hvae"), ("insert_healthy_dhvae", "dhvae")]
+)
+def test_a_baseline_generator_is_passed_to_the_worker(client, settings, cohort_id, method, generator):
+    """The method travels to the worker as asked; the model the job makes is the generator it trains
+    (a donor insertion's is its dHVAE)."""
     r = client.post(
         "/v1/augmentations",
-        json={"cohort_id": cohort_id, "model": generator, "n_pairs": 2, "steps": 3, "seed": 1},
+        json={"cohort_id": cohort_id, "model": method, "n_pairs": 2, "steps": 3, "seed": 1},
         headers=A,
     )
     assert r.status_code == 202, r.text
     [msg] = queued_messages(settings)
     assert msg["headers"]["task"] == "dhvae.augment"
+    payload = json.loads(__import__("base64").b64decode(msg["body"]))[1]["payload"]
+    assert payload["model"] == method
     model = client.get(f"/v1/models/{r.json()['model_id']}", headers=A).json()
     assert model["model"] == generator
 
