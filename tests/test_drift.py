@@ -32,6 +32,8 @@ def test_crossval_arms_are_efficacy_s():
 
     assert set(get_args(schemas.Arm)) == set(ARMS) and REFERENCE in get_args(schemas.Arm)
     assert schemas.EvaluationRequest.model_fields["arms"].default == list(CVConfig().arms)
+    # a recommendation's method (its arm's offline pairs) is one POST /v1/augmentations accepts
+    assert {a.method for a in ARMS.values()} - {"none"} <= set(get_args(schemas.Method))
 
 
 def test_presets_protocols_and_unet_widths():
