@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         recipients = recipient_slices(fold.train_cases)
         kinds = {"real": fold.data.real_train}
         for name, icfg in KINDS.items():
-            kinds[name] = draw_insert(slices, args.n, cfg.sample_seed, icfg)
+            kinds[name] = np.stack(list(draw_insert(slices, args.n, cfg.sample_seed, icfg)))
         folds.append(
             {
                 "fold": i,
