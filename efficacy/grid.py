@@ -221,7 +221,7 @@ def synthetic_pairs(
     out.parent.mkdir(parents=True, exist_ok=True)
     real = data.generator_slices.slices.slices
     entry = get_generator(method)
-    if entry.draw is not None:  # nothing to train: pairs drawn from the training patients' slices
+    if not entry.trained:  # nothing to train: pairs drawn from the training patients' slices
         pairs = np.stack(list(entry.draw(data.generator_slices.slices, cfg.n_max, cfg.sample_seed)))
     else:
         if method in cfg.pretrained:

@@ -331,11 +331,7 @@ class OnlineInsert:
 
 
 def draw_insert(slices, n: int, seed: int, cfg: InsertConfig | None = None) -> Iterator[np.ndarray]:
-    """The registry's ``insert``: ``n`` pairs, one at a time, with the balanced tumour slices of a cohort
-    (a SliceSet) as donors and every brain slice of its cases as recipients."""
+    """The registry's ``insert`` and ``insert_healthy`` (each with its ``cfg``): ``n`` pairs, one at a
+    time, with the balanced tumour slices of a cohort (a SliceSet) as donors and the brain slices of its
+    cases that ``cfg.recipients`` names as recipients."""
     return iter_insert_pairs(slices.slices, recipient_slices(slices.cases, cfg), n, seed=seed, cfg=cfg)
-
-
-def draw_insert_healthy(slices, n: int, seed: int) -> Iterator[np.ndarray]:
-    """The registry's ``insert_healthy``: as :func:`draw_insert`, into tumour-free slices only."""
-    return draw_insert(slices, n, seed, InsertConfig(recipients="tumour_free"))

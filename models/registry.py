@@ -24,8 +24,9 @@ tumour-free slices only (twin: ``insert_healthy``). An augmentation can use ever
 
 A generator with a class is trained by :func:`models.train.fit` on a preset of ``models/config.py``
 (``config.model`` is its name) and sampled by :func:`models.sampler.sample_pairs`; one without draws
-its pairs from the real slices directly (``draw(slices, n, seed)``, with ``slices`` an
-:class:`imaging.preprocess.SliceSet`). The order is the reports' order (baselines first).
+its pairs from the real slices directly (``entry.draw(slices, n, seed)``, with ``slices`` an
+:class:`imaging.preprocess.SliceSet`), by its ``drawer`` with its ``config`` (the recipe's settings, which
+the export's manifest records). The order is the reports' order (baselines first).
 To add a generator: a class with the interface of :class:`models.train.Trainable`, one entry here, and
 its name in ``contract/schemas.py``'s ``Generator`` (the drift test says so if you forget).
 """
@@ -46,15 +47,13 @@ from .dhvae import DHVAE
 from .insert import (
     INSERT_VERSION,
     InsertConfig,
-    Recipients,
     draw_insert,
-    draw_insert_healthy,
     iter_insert_pairs,
     recipient_slices,
 )
 from .lsgan import LSGAN
 from .masks_first import MasksFirst
-from .traditional import draw_traditional
+from .traditional import TraditionalAugConfig, draw_traditional
 
 if TYPE_CHECKING:
     from .train import Trainable
@@ -65,31 +64,47 @@ class GeneratorEntry:
     name: str
     description: str
     model_class: type[nn.Module] | None  # None: nothing to train (pairs come from the real slices)
-    # (SliceSet, n, seed) -> the n pairs, (2, H, W) each, one at a time
-    draw: Callable[[Any, int, int], Iterator[np.ndarray]] | None = None
+    # (SliceSet, n, seed, config) -> the n pairs, (2, H, W) each, one at a time
+    drawer: Callable[[Any, int, int, Any], Iterator[np.ndarray]] | None = None
+    config: Any = None  # the drawer's settings (a dataclass), recorded in the export's manifest
     version: int = 1  # its drawing recipe's: a cache of pairs drawn by another version is stale
 
     @property
     def trained(self) -> bool:
         return self.model_class is not None
 
+    def draw(self, slices: Any, n: int, seed: int) -> Iterator[np.ndarray]:
+        """``n`` pairs ``(2, H, W)`` of a cohort's slices (a SliceSet), one at a time; a DHVAEError for a
+        generator that is trained (it is sampled from its checkpoint instead)."""
+        if self.drawer is None:
+            raise DHVAEError(f"generator {self.name!r} is trained: use train() and generate()")
+        return self.drawer(slices, n, seed, self.config)
+
 
 REGISTRY: dict[str, GeneratorEntry] = {
     e.name: e
     for e in (
-        GeneratorEntry("traditional", "flips and rotations of the real slices", None, draw_traditional),
+        GeneratorEntry(
+            "traditional",
+            "flips and rotations of the real slices",
+            None,
+            draw_traditional,
+            TraditionalAugConfig(),
+        ),
         GeneratorEntry(
             "insert",
             "real tumours pasted into other slices of the training patients (TumorCP / CarveMix-like)",
             None,
             draw_insert,
+            InsertConfig(recipients="any"),
             INSERT_VERSION,
         ),
         GeneratorEntry(
             "insert_healthy",
             "real tumours pasted into tumour-free slices of the training patients only (our extension)",
             None,
-            draw_insert_healthy,
+            draw_insert,
+            InsertConfig(recipients="tumour_free"),
             INSERT_VERSION,
         ),
         GeneratorEntry("vae", "VAE baseline (no flow)", DHVAE),
@@ -114,11 +129,15 @@ class DonorInsert:
 
     name: str
     twin: str  # the registry's recipe that pastes real tumours into the same recipients
-    recipients: Recipients
     donor: str = "dhvae"  # the generator trained for its tumours
     # generator pairs sampled for their tumours: at most this many, fewer when fewer pairs are asked
     # (the efficacy grid's N = 500: one donor per pair); so memory does not grow with the pairs asked
     donors: int = 500
+
+    @property
+    def config(self) -> InsertConfig:
+        """The paste's settings: its twin's, so the two differ in their donors only."""
+        return cast(InsertConfig, REGISTRY[self.twin].config)
 
     def donor_count(self, n_pairs: int) -> int:
         return min(n_pairs, self.donors)
@@ -126,15 +145,15 @@ class DonorInsert:
     def pairs(self, donors: np.ndarray, cases: Any, n: int, *, seed: int) -> Iterator[np.ndarray]:
         """``n`` pairs ``(2, H, W)``, one at a time: the tumours of ``donors`` (the generator's pairs)
         pasted into the recipient slices of ``cases`` (ResampledCase-like)."""
-        cfg = InsertConfig(recipients=self.recipients)
+        cfg = self.config
         return iter_insert_pairs(donors, recipient_slices(cases, cfg), n, seed=seed, cfg=cfg)
 
 
 DONOR_INSERTS: dict[str, DonorInsert] = {
     d.name: d
     for d in (
-        DonorInsert("insert_dhvae", twin="insert", recipients="any"),
-        DonorInsert("insert_healthy_dhvae", twin="insert_healthy", recipients="tumour_free"),
+        DonorInsert("insert_dhvae", twin="insert"),
+        DonorInsert("insert_healthy_dhvae", twin="insert_healthy"),
     )
 }
 AUGMENTATIONS: tuple[str, ...] = (*GENERATORS, *DONOR_INSERTS)  # what an augmentation can use

@@ -110,7 +110,9 @@ def augment_pairs(
     return out
 
 
-def draw_traditional(slices, n: int, seed: int) -> Iterator[np.ndarray]:
+def draw_traditional(
+    slices, n: int, seed: int, cfg: TraditionalAugConfig | None = None
+) -> Iterator[np.ndarray]:
     """The registry's draw: ``n`` augmented pairs of a cohort's balanced tumour slices (a SliceSet), one
     at a time."""
-    return iter_augment_pairs(slices.slices, n, seed=seed)
+    return iter_augment_pairs(slices.slices, n, seed=seed, cfg=cfg)

@@ -35,7 +35,7 @@ from imaging.progress import ProgressFn, Reporter, StopFn
 from models.checkpoint import load_checkpoint, model_from_checkpoint
 from models.config import PRESETS, DHVAEConfig, SamplingConfig, get_preset
 from models.dhvae import DHVAE
-from models.insert import INSERT_VERSION, InsertConfig
+from models.insert import INSERT_VERSION
 from models.registry import (
     DEFAULT,
     DONOR_INSERTS,
@@ -472,18 +472,13 @@ def generate_untrained(
     """A generator that trains nothing, in the same export: its pairs drawn from the cohort's slices
     (``models.registry`` ``draw``: flips and rotations, or pasted tumours), the real cases, dataset.json
     and manifest.json. Deterministic per seed."""
-    from models.traditional import TraditionalAugConfig
-
-    draw = get_generator(model).draw
-    if draw is None:
-        raise DHVAEError(f"generator {model!r} is trained: use train() and generate()")
-    config = vars(TraditionalAugConfig() if model == "traditional" else InsertConfig())
-    pairs = draw(ing.slices, spec.n_pairs * spec.slices_per_volume, spec.seed)
+    entry = get_generator(model)
+    pairs = entry.draw(ing.slices, spec.n_pairs * spec.slices_per_volume, spec.seed)
     return _export_drawn(
         ing,
         pairs,
         spec,
-        {"model": model, "config": config},
+        {"model": model, "config": vars(entry.config)},
         out_dir=out_dir,
         real=real,
         manifest_extras=manifest_extras,
@@ -537,7 +532,7 @@ def generate_inserted(
             "pairs": len(donors),
             "min_mask_area": sampling.area_floor(size),
         },
-        "config": {**vars(InsertConfig(recipients=recipe.recipients)), "version": INSERT_VERSION},
+        "config": {**vars(recipe.config), "version": INSERT_VERSION},
     }
     return _export_drawn(
         ing,

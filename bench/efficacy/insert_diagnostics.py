@@ -20,6 +20,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +33,17 @@ from brats import REPO, combined_cohort  # noqa: E402
 from efficacy.crossval import CVConfig, cohort_splits, fold_data  # noqa: E402
 from imaging.cohort import CohortSpec  # noqa: E402
 from models.insert import InsertConfig, brain_mask, draw_insert, recipient_slices  # noqa: E402
+from models.registry import REGISTRY  # noqa: E402
 from pipeline import pipeline  # noqa: E402
 
-# the inserted kinds: the registry's insert and insert_healthy (draw_insert with these configs), each
+# the inserted kinds: the registry's insert and insert_healthy (draw_insert with their configs), each
 # with and without the ring intensity match
 KINDS: dict[str, InsertConfig] = {
-    "insert": InsertConfig(),
-    "insert_healthy": InsertConfig(recipients="tumour_free"),
-    "insert_unscaled": InsertConfig(match="none"),
-    "insert_healthy_unscaled": InsertConfig(recipients="tumour_free", match="none"),
+    **{name: REGISTRY[name].config for name in ("insert", "insert_healthy")},
+    **{
+        f"{name}_unscaled": replace(REGISTRY[name].config, match="none")
+        for name in ("insert", "insert_healthy")
+    },
 }
 
 

@@ -14,6 +14,7 @@ from imaging.errors import Cancelled, LowAcceptance
 from imaging.export import verify_dataset
 from imaging.phantoms import make_phantom_cohort
 from imaging.preprocess import PreprocessConfig
+from models.registry import get_generator
 from pipeline import pipeline
 from pipeline.pipeline import SampleSpec, TrainSpec
 
@@ -237,7 +238,7 @@ def test_presets_json():
     assert 55e6 < p["encoder"] + p["decoder"] < 70e6
 
 
-@pytest.mark.parametrize("model", ["hvae", "traditional", "insert"])
+@pytest.mark.parametrize("model", ["hvae", "traditional", "insert", "insert_healthy"])
 def test_augment_with_a_baseline_gives_the_same_export(trained, tmp_path, model):
     root, cohort, _, _ = trained
     r = pipeline.augment(
@@ -250,7 +251,11 @@ def test_augment_with_a_baseline_gives_the_same_export(trained, tmp_path, model)
     manifest = verify_dataset(tmp_path / model)
     assert manifest["generator"]["model"] == model
     assert json.loads((tmp_path / model / "dataset.json").read_text())["synthetic_cases"] == 2
-    assert (r.checkpoint is None) == (model in ("traditional", "insert"))
+    assert (r.checkpoint is None) == (model in ("traditional", "insert", "insert_healthy"))
+    if r.checkpoint is None:  # the manifest records the drawing recipe's own settings
+        assert manifest["generator"]["config"] == vars(get_generator(model).config)
+    if model == "insert_healthy":  # (the manifest said "any" before the registry carried the config)
+        assert manifest["generator"]["config"]["recipients"] == "tumour_free"
     dataset = json.loads((tmp_path / model / "dataset.json").read_text())
     assert dataset["real_cases_geometry"].startswith("resampled") and "label_mapping" in dataset
     if model == "hvae":  # a generated image is 0 outside its brain (zero_background, the default)
@@ -312,7 +317,6 @@ def test_a_donor_insertion_pastes_its_dhvae_s_tumours_into_tumour_free_slices(tr
 def test_the_drawn_augmentations_stream_their_pairs(trained):
     """A generator that trains nothing yields its pairs one at a time, so an export of N pairs holds one
     in memory, not N: a billion pairs are asked for and the first comes at once."""
-    from models.registry import get_generator
 
     _, _, ing, _ = trained
     for name in ("traditional", "insert", "insert_healthy"):
