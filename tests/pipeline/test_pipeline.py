@@ -317,7 +317,6 @@ def test_a_donor_insertion_pastes_its_dhvae_s_tumours_into_tumour_free_slices(tr
 def test_the_drawn_augmentations_stream_their_pairs(trained):
     """A generator that trains nothing yields its pairs one at a time, so an export of N pairs holds one
     in memory, not N: a billion pairs are asked for and the first comes at once."""
-
     _, _, ing, _ = trained
     for name in ("traditional", "insert", "insert_healthy"):
         pairs = get_generator(name).draw(ing.slices, 10**9, 0)
