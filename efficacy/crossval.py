@@ -882,6 +882,7 @@ def run_crossval(
     report_only: bool = False,
     row_tags: dict[str, Any] | None = None,
     train_seeds: Sequence[int] | None = None,
+    train_folds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Run (or finish) every (seed, fold, arm) and return :func:`summarise`'s report.
 
@@ -889,7 +890,10 @@ def run_crossval(
     it finished. The work folder's settings must match (arms may be added). ``row_tags`` are recorded
     in every row this call trains (the machine it ran on: a grid resumed across sessions mixes CPUs).
     ``train_seeds`` limits the runs this call trains to those seeds (a session on the CPU kind of one
-    seed's rows fills that seed only); the report still covers every seed of ``cfg``.
+    seed's rows fills that seed only); the report still covers every seed of ``cfg``. ``train_folds``
+    likewise limits them to those folds: a session that has time for one fold's generator fit (a fit
+    lives in the work folder only) trains that fold's runs of every seed, instead of one seed's runs
+    that need every fold's fit.
     """
     work_dir = Path(work_dir)
     claim_work_dir(work_dir, work_settings(cfg.to_dict()), "a cross-validation")
@@ -905,6 +909,8 @@ def run_crossval(
     todo = [] if report_only else [g for g in grid if (g[1], g[2], g[0]) not in done]
     if train_seeds is not None:
         todo = [g for g in todo if g[0] in train_seeds]
+    if train_folds is not None:
+        todo = [g for g in todo if g[1] in train_folds]
     # the total counts each fold's inner-validation runs too, twice (the budget's curves, then the
     # post-processing's runs at the budget): what the service announces
     inner = {f.index: inner_validation_patients(f, cfg) for f in folds}

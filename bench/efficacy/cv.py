@@ -57,6 +57,13 @@ def main(argv: list[str] | None = None) -> None:
         "the report still covers 0..n-1",
     )
     ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument(
+        "--train-folds",
+        type=int,
+        nargs="+",
+        help="train only these folds' missing runs (a session with time for one fold's generator fit); "
+        "the report still covers every fold",
+    )
     ap.add_argument("--unet", choices=sorted(UNET_WIDTHS), default="small")
     ap.add_argument("--max-steps", type=int, default=1200, help="inner validation: longest run")
     ap.add_argument("--eval-every", type=int, default=100)
@@ -96,6 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     for flag, chosen in (("--train-seeds", args.train_seeds), ("--remeasure-seeds", args.remeasure_seeds)):
         if chosen and not set(chosen) <= set(range(args.seeds)):  # it would train nothing, silently
             ap.error(f"{flag} {chosen}: every seed must lie in 0..{args.seeds - 1} (--seeds {args.seeds})")
+    if args.train_folds and not set(args.train_folds) <= set(range(args.folds)):
+        ap.error(
+            f"--train-folds {args.train_folds}: every fold must lie in 0..{args.folds - 1} (--folds {args.folds})"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = args.work or REPO / "runs" / args.name
     kw = {"arms": tuple(args.arms)} if args.arms else {}
@@ -147,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         report_only=args.report_only,
         row_tags={"cpu_flags": here["cpu_flags"]},
         train_seeds=args.train_seeds,
+        train_folds=args.train_folds,
     )
     report["machine"] = here
     # the CPU kinds the rows ran on: fp32 kernels round differently on AVX2 and AVX-512 (a run's curve

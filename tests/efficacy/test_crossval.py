@@ -320,6 +320,14 @@ def test_crossval_end_to_end_resumes(cohort, tmp_path, monkeypatch):
     assert partial["runs_done"] == 6 and not {r["arm"] for r in partial["rows"]} & inserting
     assert partial["seeds_done"] == [] and partial["seeds_begun"] == [0]  # half of seed 0's runs
     assert "(seeds done: []; begun: [0])" in crossval_markdown(partial)
+    # a session with time for one fold's generator fit trains that fold only; the report covers both
+    one = run_crossval(cohort, replace(cfg, seeds=(0, 1, 2)), tmp_path, train_seeds=[2], train_folds=[1])
+    assert one["runs_done"] == 18 and {(r["seed"], r["fold"]) for r in one["rows"]} == {
+        (0, 0),
+        (0, 1),
+        (2, 1),
+    }
+    assert one["seeds_done"] == [0] and one["seeds_begun"] == [2]
     # a session on the CPU kind of one seed's rows trains that seed only; the report covers every seed
     more = run_crossval(cohort, replace(cfg, seeds=(0, 1, 2)), tmp_path, train_seeds=[2])
     assert more["runs_done"] == 24 and {r["seed"] for r in more["rows"]} == {0, 2}
@@ -342,6 +350,12 @@ def test_cv_refuses_a_seed_outside_its_seeds(flag):
     """Seed 3 in ``--train-seeds`` or ``--remeasure-seeds`` with ``--seeds 3`` would train nothing: refused."""
     run = _cv("--seeds", "3", flag, "1", "3", "--report-only")
     assert run.returncode == 2 and f"{flag} [1, 3]: every seed must lie in 0..2" in run.stderr
+
+
+def test_cv_refuses_a_fold_outside_its_folds():
+    """Fold 3 in ``--train-folds`` with ``--folds 3`` would train nothing: refused."""
+    run = _cv("--folds", "3", "--train-folds", "0", "3", "--report-only")
+    assert run.returncode == 2 and "--train-folds [0, 3]: every fold must lie in 0..2" in run.stderr
 
 
 def test_foreign_seeds_names_the_seeds_another_cpu_kind_began(tmp_path):
