@@ -139,6 +139,11 @@ class DonorInsert:
         """The paste's settings: its twin's, so the two differ in their donors only."""
         return cast(InsertConfig, REGISTRY[self.twin].config)
 
+    @property
+    def version(self) -> int:
+        """The paste's recipe version: its twin's (a cache of pairs pasted by another is stale)."""
+        return REGISTRY[self.twin].version
+
     def donor_count(self, n_pairs: int) -> int:
         return min(n_pairs, self.donors)
 

@@ -35,7 +35,6 @@ from imaging.progress import ProgressFn, Reporter, StopFn
 from models.checkpoint import load_checkpoint, model_from_checkpoint
 from models.config import PRESETS, DHVAEConfig, SamplingConfig, get_preset
 from models.dhvae import DHVAE
-from models.insert import INSERT_VERSION
 from models.registry import (
     DEFAULT,
     DONOR_INSERTS,
@@ -478,7 +477,7 @@ def generate_untrained(
         ing,
         pairs,
         spec,
-        {"model": model, "config": vars(entry.config)},
+        {"model": model, "config": {**vars(entry.config), "version": entry.version}},
         out_dir=out_dir,
         real=real,
         manifest_extras=manifest_extras,
@@ -532,7 +531,7 @@ def generate_inserted(
             "pairs": len(donors),
             "min_mask_area": sampling.area_floor(size),
         },
-        "config": {**vars(recipe.config), "version": INSERT_VERSION},
+        "config": {**vars(recipe.config), "version": recipe.version},
     }
     return _export_drawn(
         ing,

@@ -252,8 +252,9 @@ def test_augment_with_a_baseline_gives_the_same_export(trained, tmp_path, model)
     assert manifest["generator"]["model"] == model
     assert json.loads((tmp_path / model / "dataset.json").read_text())["synthetic_cases"] == 2
     assert (r.checkpoint is None) == (model in ("traditional", "insert", "insert_healthy"))
-    if r.checkpoint is None:  # the manifest records the drawing recipe's own settings
-        assert manifest["generator"]["config"] == vars(get_generator(model).config)
+    if r.checkpoint is None:  # the manifest records the drawing recipe's own settings and version
+        entry = get_generator(model)
+        assert manifest["generator"]["config"] == {**vars(entry.config), "version": entry.version}
     if model == "insert_healthy":  # (the manifest said "any" before the registry carried the config)
         assert manifest["generator"]["config"]["recipients"] == "tumour_free"
     dataset = json.loads((tmp_path / model / "dataset.json").read_text())
@@ -288,6 +289,8 @@ def test_a_donor_insertion_pastes_its_dhvae_s_tumours_into_tumour_free_slices(tr
     manifest = verify_dataset(tmp_path / "a")
     generator = manifest["generator"]
     assert generator["model"] == "insert_healthy_dhvae" and generator["config"]["recipients"] == "tumour_free"
+    twin = get_generator("insert_healthy")  # its paste is its twin's: the same settings and version
+    assert generator["config"] == {**vars(twin.config), "version": twin.version}
     assert generator["donor"]["model"] == "dhvae" and generator["donor"]["pairs"] == 6  # min(3 x 2, 500)
     assert load_checkpoint(runs[0].checkpoint)["config_obj"].model == "dhvae"  # the job's model
     assert synthetic_bytes(tmp_path / "a") == synthetic_bytes(tmp_path / "b")
