@@ -541,7 +541,7 @@ def fold_pairs(
     Cached in :func:`~efficacy.grid.pairs_path` (the insertion's version in the name): a draw's first
     ``n`` pairs do not depend on how many were drawn, so a longer cached draw serves a shorter one.
     """
-    out = pairs_path(work_dir, method, INSERT_VERSION if method in DONOR_INSERTS else None)
+    out = pairs_path(work_dir, method)
     if out.is_file() and len(cached := np.load(out, allow_pickle=False)) >= n:
         return cached[:n]
     if method in DONOR_INSERTS:  # the dHVAE's tumours in the training patients' real slices

@@ -46,7 +46,7 @@ from imaging.ingest import IngestResult
 from imaging.preprocess import ResampledCase, restrict_to_cases
 from imaging.progress import ProgressFn, Reporter, StopFn
 from models.config import SamplingConfig
-from models.registry import GENERATORS, get_generator
+from models.registry import DONOR_INSERTS, GENERATORS, get_generator
 from pipeline import pipeline
 
 from .quality import default_perceptual_net, quality_metrics
@@ -193,10 +193,11 @@ def split_cohort(
 def pairs_path(work_dir: Path, method: str, version: int | None = None) -> Path:
     """Where a work folder keeps ``method``'s drawn pairs. A drawing recipe past its first version (the
     insertion's, ``models.insert.INSERT_VERSION``) has it in the file name, so a folder never serves
-    pairs drawn by another version. ``version`` defaults to the generator's; a pair source outside the
-    registry (``models.registry.DONOR_INSERTS``) gives its own."""
-    v = get_generator(method).version if version is None else version
-    return work_dir / method / ("pairs.npy" if v == 1 else f"pairs-v{v}.npy")
+    pairs drawn by another version. ``version`` defaults to the recipe's: the generator's, or a donor
+    insertion's (``models.registry.DONOR_INSERTS``: its twin's)."""
+    if version is None:
+        version = DONOR_INSERTS[method].version if method in DONOR_INSERTS else get_generator(method).version
+    return work_dir / method / ("pairs.npy" if version == 1 else f"pairs-v{version}.npy")
 
 
 def synthetic_pairs(
