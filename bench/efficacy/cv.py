@@ -100,13 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--remeasure-seeds", type=int, nargs="+", help="only these seeds (default: all)")
     args = ap.parse_args(argv)
-    for flag, chosen in (("--train-seeds", args.train_seeds), ("--remeasure-seeds", args.remeasure_seeds)):
-        if chosen and not set(chosen) <= set(range(args.seeds)):  # it would train nothing, silently
-            ap.error(f"{flag} {chosen}: every seed must lie in 0..{args.seeds - 1} (--seeds {args.seeds})")
-    if args.train_folds and not set(args.train_folds) <= set(range(args.folds)):
-        ap.error(
-            f"--train-folds {args.train_folds}: every fold must lie in 0..{args.folds - 1} (--folds {args.folds})"
-        )
+    for flag, chosen, what, count in (
+        ("--train-seeds", args.train_seeds, "seed", args.seeds),
+        ("--remeasure-seeds", args.remeasure_seeds, "seed", args.seeds),
+        ("--train-folds", args.train_folds, "fold", args.folds),
+    ):
+        if chosen and not set(chosen) <= set(range(count)):  # it would train nothing, silently
+            ap.error(f"{flag} {chosen}: every {what} must lie in 0..{count - 1} (--{what}s {count})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = args.work or REPO / "runs" / args.name
     kw = {"arms": tuple(args.arms)} if args.arms else {}
