@@ -1019,6 +1019,7 @@ def paired_gain(
     reference: str = REFERENCE,
     bootstrap: int = 2000,
     seed: int = 0,
+    folds: int | None = None,
 ) -> dict[str, Any] | None:
     """Gain of ``arm`` over ``reference`` in ``metric``: the mean paired difference per (fold, seed),
     and a 95 % patient-level bootstrap interval of the mean per-patient gain.
@@ -1030,7 +1031,8 @@ def paired_gain(
     (``cpu_flags``): a seed is a pair's shared randomness only there, since a run drifts across CPU kinds
     as much as across seeds (``cross_cpu_pairs`` counts the pairs left out). The arm "helps" only when
     its pairs cover every patient the reference was tested on (``untested_patients`` lists the others)
-    and the interval lies above 0. None when no pair exists.
+    and every one of ``folds`` folds where given (``untested_folds``: a grid run on one fold so far tests
+    its reference on that fold's patients only), and the interval lies above 0. None when no pair exists.
     """
     by = {(r["fold"], r["seed"], r["arm"]): r for r in rows if metric in r}
     both = [(k[0], k[1]) for k in by if k[2] == arm and (k[0], k[1], reference) in by]
@@ -1062,6 +1064,7 @@ def paired_gain(
         if metric in c and np.isfinite(c[metric])
     }
     untested = sorted(tested - set(means))
+    untested_folds = sorted(set(range(folds or 0)) - {f for f, _ in pairs})
     gains = np.array(list(means.values()))
     rng = np.random.default_rng(seed)
     boots = (
@@ -1077,7 +1080,10 @@ def paired_gain(
         "per_patient": {c: {"gain": means[c], "runs": len(per_patient[c])} for c in sorted(means)},
         "ci95": [lo, hi],
         "untested_patients": untested,
-        "helps": not untested and (bool(lo > 0) if metric in HIGHER_IS_BETTER else bool(hi < 0)),
+        "untested_folds": untested_folds,
+        "helps": not untested
+        and not untested_folds
+        and (bool(lo > 0) if metric in HIGHER_IS_BETTER else bool(hi < 0)),
     }
 
 
@@ -1130,7 +1136,7 @@ def summarise(
         name: {
             m: g
             for m in (*CV_METRICS, *LCC_METRICS, POST_METRIC)
-            if (g := paired_gain(measured, name, m, bootstrap=cfg.bootstrap)) is not None
+            if (g := paired_gain(measured, name, m, bootstrap=cfg.bootstrap, folds=cfg.folds)) is not None
         }
         for name in cfg.arms
         if name != REFERENCE
@@ -1141,7 +1147,8 @@ def summarise(
         | {
             m: g
             for m in (*CV_METRICS, POST_METRIC)
-            if (g := paired_gain(measured, name, m, reference=twin, bootstrap=cfg.bootstrap)) is not None
+            if (g := paired_gain(measured, name, m, reference=twin, bootstrap=cfg.bootstrap, folds=cfg.folds))
+            is not None
         }
         for name in cfg.arms
         if (twin := ARMS[name].real_donor_twin()) in cfg.arms

@@ -43,19 +43,21 @@ def check(report: dict[str, Any], seeds: int, resamples: int) -> list[dict[str, 
     rows = postprocessed(
         report["rows"], {f["fold"]: f["postprocess"] for f in report["folds"] if f.get("postprocess")}
     )
-    boot = report["config"]["bootstrap"]
+    boot, folds = report["config"]["bootstrap"], report["config"]["folds"]  # a verdict needs every fold
     out = []
     for arm in report["arms"]:
         if arm == REFERENCE:
             continue
         for metric in METRICS:
-            g = paired_gain(rows, arm, metric, bootstrap=boot, seed=0)
+            g = paired_gain(rows, arm, metric, bootstrap=boot, seed=0, folds=folds)
             if g is None:
                 continue
             # seed 0 is the report's own interval, g
-            others = (paired_gain(rows, arm, metric, bootstrap=boot, seed=s) for s in range(1, seeds))
+            others = (
+                paired_gain(rows, arm, metric, bootstrap=boot, seed=s, folds=folds) for s in range(1, seeds)
+            )
             lows = [g["ci95"][0], *(o["ci95"][0] for o in others)]
-            fine = paired_gain(rows, arm, metric, bootstrap=resamples, seed=0)
+            fine = paired_gain(rows, arm, metric, bootstrap=resamples, seed=0, folds=folds)
             out.append(
                 {
                     "arm": arm,

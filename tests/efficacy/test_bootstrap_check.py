@@ -35,7 +35,7 @@ def _report(gains_by_arm):
     ]
     return {
         "arms": dict.fromkeys(gains_by_arm),
-        "config": {"bootstrap": 500},
+        "config": {"bootstrap": 500, "folds": 2},
         "folds": [{"fold": f, "postprocess": {"largest_component": True}} for f in (0, 1)],
         "rows": rows,
     }
@@ -54,6 +54,12 @@ def test_a_clear_gain_is_firm_and_a_gain_carried_by_one_patient_is_not(bootstrap
     firm = checks[("insert", "dice_slice")]
     assert firm["helps"] and firm["fine_helps"] and firm["lower_above_0"] == 5
     assert firm["gain_points"] == pytest.approx(4.5) and firm["runs"] == 2
+    # the same rows in a grid of 3 folds, one not run yet: an interval above 0, but no verdict on the cohort
+    partial = bootstrap_check.check(
+        report | {"config": {"bootstrap": 500, "folds": 3}}, seeds=5, resamples=20_000
+    )
+    unrun = next(c for c in partial if (c["arm"], c["metric"]) == ("insert", "dice_slice"))
+    assert unrun["lower_above_0"] == 5 and not unrun["helps"] and not unrun["fine_helps"]
     loose = checks[("insert_healthy", POST_METRIC)]
     assert not loose["fine_helps"] and loose["lower_above_0"] == 0 and loose["lower_range_points"][0] < 0
     text = bootstrap_check.markdown(

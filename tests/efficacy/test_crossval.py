@@ -161,6 +161,13 @@ def test_paired_gain_and_the_recommendation():
     g0 = paired_gain(one_fold, "insert", "dice_slice")
     assert g0["ci95"][0] > 0 and g0["untested_patients"] == ["c", "d"] and not g0["helps"]
     assert g["untested_patients"] == []
+    # nor when every arm, the reference included, ran on that one fold only: the cohort's other fold is untested
+    only_fold0 = [r for r in rows if r["fold"] == 0]
+    g00 = paired_gain(only_fold0, "insert", "dice_slice", folds=2)
+    assert g00["ci95"][0] > 0 and g00["untested_patients"] == [] and g00["untested_folds"] == [1]
+    assert not g00["helps"] and paired_gain(only_fold0, "insert", "dice_slice")["helps"]
+    one_fold_grid = summarise(only_fold0, CVConfig(arms=(REFERENCE, "insert"), seeds=(0, 1), folds=2))
+    assert one_fold_grid["recommendation"]["words"].startswith("Nothing beats your real data")
     partial = summarise(one_fold, CVConfig(arms=(REFERENCE, "insert"), seeds=(0, 1), folds=2))
     assert partial["recommendation"]["words"].startswith("Nothing beats your real data")
     partial["folds"] = []
