@@ -1398,9 +1398,11 @@ def _gain_table(report: dict[str, Any], metric: str, label: str) -> list[str]:
 
 
 def _verdict(g: dict[str, Any]) -> str:
-    """A gain's "helps" cell: yes, no, or not yet while some tested patients have no pair."""
+    """A gain's "helps" cell: yes, no, or not yet while some tested patients or folds have no pair."""
     if missing := g.get("untested_patients"):
         return f"not yet ({len(missing)} patients unpaired)"
+    if folds := g.get("untested_folds"):
+        return f"not yet (fold{'s' * (len(folds) > 1)} {', '.join(map(str, folds))} unpaired)"
     return "yes" if g["helps"] else "no"
 
 

@@ -168,6 +168,8 @@ def test_paired_gain_and_the_recommendation():
     assert not g00["helps"] and paired_gain(only_fold0, "insert", "dice_slice")["helps"]
     one_fold_grid = summarise(only_fold0, CVConfig(arms=(REFERENCE, "insert"), seeds=(0, 1), folds=2))
     assert one_fold_grid["recommendation"]["words"].startswith("Nothing beats your real data")
+    one_fold_grid["folds"] = []
+    assert "| not yet (fold 1 unpaired) |" in crossval_markdown(one_fold_grid)
     partial = summarise(one_fold, CVConfig(arms=(REFERENCE, "insert"), seeds=(0, 1), folds=2))
     assert partial["recommendation"]["words"].startswith("Nothing beats your real data")
     partial["folds"] = []
