@@ -1016,10 +1016,10 @@ def paired_gain(
     arm: str,
     metric: str,
     *,
+    folds: int,
     reference: str = REFERENCE,
     bootstrap: int = 2000,
     seed: int = 0,
-    folds: int | None = None,
 ) -> dict[str, Any] | None:
     """Gain of ``arm`` over ``reference`` in ``metric``: the mean paired difference per (fold, seed),
     and a 95 % patient-level bootstrap interval of the mean per-patient gain.
@@ -1031,7 +1031,7 @@ def paired_gain(
     (``cpu_flags``): a seed is a pair's shared randomness only there, since a run drifts across CPU kinds
     as much as across seeds (``cross_cpu_pairs`` counts the pairs left out). The arm "helps" only when
     its pairs cover every patient the reference was tested on (``untested_patients`` lists the others)
-    and every one of ``folds`` folds where given (``untested_folds``: a grid run on one fold so far tests
+    and every one of the grid's ``folds`` folds (``untested_folds``: a grid run on one fold so far tests
     its reference on that fold's patients only), and the interval lies above 0. None when no pair exists.
     """
     by = {(r["fold"], r["seed"], r["arm"]): r for r in rows if metric in r}
@@ -1064,7 +1064,7 @@ def paired_gain(
         if metric in c and np.isfinite(c[metric])
     }
     untested = sorted(tested - set(means))
-    untested_folds = sorted(set(range(folds or 0)) - {f for f, _ in pairs})
+    untested_folds = sorted(set(range(folds)) - {f for f, _ in pairs})
     gains = np.array(list(means.values()))
     rng = np.random.default_rng(seed)
     boots = (

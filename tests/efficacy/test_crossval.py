@@ -143,7 +143,7 @@ def test_paired_gain_and_the_recommendation():
             rows.append(_row(fold, REFERENCE, seed, 0.70, [(c, 0.0) for c in cases]))
             rows.append(_row(fold, "insert", seed, 0.74, [(c, 0.02 * k) for k, c in enumerate(cases)]))
             rows.append(_row(fold, "real", seed, 0.69, [(c, 0.0) for c in cases]))
-    g = paired_gain(rows, "insert", "dice_slice")
+    g = paired_gain(rows, "insert", "dice_slice", folds=2)
     assert g["runs"] == 4 and g["patients"] == 4
     assert g["mean_run_gain"] == pytest.approx(0.04)
     assert g["mean_patient_gain"] == pytest.approx(0.05)  # 0.04 + mean(0, 0.02, 0, 0.02)
@@ -155,17 +155,18 @@ def test_paired_gain_and_the_recommendation():
         "d": 0.06,
     }
     assert {p["runs"] for p in g["per_patient"].values()} == {2}
-    assert not paired_gain(rows, "real", "dice_slice")["helps"]
+    assert not paired_gain(rows, "real", "dice_slice", folds=2)["helps"]
     # one fold's patients make an interval (above 0 here), but no verdict on the cohort: not yet
     one_fold = [r for r in rows if r["arm"] != "insert" or r["fold"] == 0]
-    g0 = paired_gain(one_fold, "insert", "dice_slice")
+    g0 = paired_gain(one_fold, "insert", "dice_slice", folds=2)
     assert g0["ci95"][0] > 0 and g0["untested_patients"] == ["c", "d"] and not g0["helps"]
     assert g["untested_patients"] == []
-    # nor when every arm, the reference included, ran on that one fold only: the cohort's other fold is untested
+    # nor when every arm, the reference included, ran on that one fold only: the cohort's other fold is
+    # untested (the same rows in a one-fold grid give a verdict: the grid's fold count is what decides)
     only_fold0 = [r for r in rows if r["fold"] == 0]
     g00 = paired_gain(only_fold0, "insert", "dice_slice", folds=2)
     assert g00["ci95"][0] > 0 and g00["untested_patients"] == [] and g00["untested_folds"] == [1]
-    assert not g00["helps"] and paired_gain(only_fold0, "insert", "dice_slice")["helps"]
+    assert not g00["helps"] and paired_gain(only_fold0, "insert", "dice_slice", folds=1)["helps"]
     one_fold_grid = summarise(only_fold0, CVConfig(arms=(REFERENCE, "insert"), seeds=(0, 1), folds=2))
     assert one_fold_grid["recommendation"]["words"].startswith("Nothing beats your real data")
     one_fold_grid["folds"] = []
@@ -179,7 +180,7 @@ def test_paired_gain_and_the_recommendation():
         {**r, "cpu_flags": ["avx2"]} if (r["arm"], r["fold"], r["seed"]) == ("insert", 0, 1) else r
         for r in rows
     ]
-    g1 = paired_gain(moved, "insert", "dice_slice")
+    g1 = paired_gain(moved, "insert", "dice_slice", folds=2)
     assert g1["runs"] == 3 and g1["cross_cpu_pairs"] == 1 and g["cross_cpu_pairs"] == 0
     moved_report = summarise(moved, CVConfig(arms=("real", REFERENCE, "insert"), seeds=(0, 1), folds=2))
     assert "different kinds of CPU: insert 1." in crossval_markdown(moved_report)
@@ -210,14 +211,15 @@ def test_paired_gain_and_the_recommendation():
     assert flat["recommendation"]["words"].startswith("Nothing beats your real data")
     # the post-processed 3D metrics: only the pairs whose two rows measured them count
     assert (
-        paired_gain(rows, "insert", "dice_3d_lcc") is None and "dice_3d_lcc" not in report["gains"]["insert"]
+        paired_gain(rows, "insert", "dice_3d_lcc", folds=2) is None
+        and "dice_3d_lcc" not in report["gains"]["insert"]
     )
     for r in rows:
         if r["seed"] == 0:
             for m in (r, *r["per_case"]):
                 m |= {"dice_3d_lcc": m["dice_3d"] + (0.1 if r["arm"] == "insert" else 0.0)}
                 m |= {"hd95_lcc": m["hd95"], "fp_volume_lcc": m["fp_volume"]}
-    g = paired_gain(rows, "insert", "dice_3d_lcc")
+    g = paired_gain(rows, "insert", "dice_3d_lcc", folds=2)
     assert g["runs"] == 2 and g["mean_run_gain"] == pytest.approx(0.14) and g["helps"]
     report = summarise(rows, CVConfig(arms=("real", REFERENCE, "insert"), seeds=(0, 1), folds=2))
     pooled = next(t for t in report["table"] if t["arm"] == "insert" and t["fold"] == "pooled")
