@@ -1271,8 +1271,8 @@ def crossval_markdown(report: dict[str, Any], title: str = "Cross-validated effi
             continue
         s, d = g["dice_slice"], g["dice_3d"]
         lines.append(
-            f"| {name} | {s['runs']} | {s['patients']} | {_gain_cells(s)} | {_verdict(s)} "
-            f"| {_gain_cells(d)} | {_verdict(d)} |"
+            f"| {name} | {s['runs']} | {s['patients']} | {_gain_cells(s)} | {verdict(s)} "
+            f"| {_gain_cells(d)} | {verdict(d)} |"
         )
     apart = {
         n: g["dice_slice"].get("cross_cpu_pairs", 0) for n, g in report["gains"].items() if "dice_slice" in g
@@ -1393,11 +1393,11 @@ def _gain_table(report: dict[str, Any], metric: str, label: str) -> list[str]:
         "",
         f"| arm | runs | patients | {label} | CI | helps |",
         "|---|---|---|---|---|---|",
-        *(f"| {n} | {g['runs']} | {g['patients']} | {_gain_cells(g)} | {_verdict(g)} |" for n, g in paired),
+        *(f"| {n} | {g['runs']} | {g['patients']} | {_gain_cells(g)} | {verdict(g)} |" for n, g in paired),
     ]
 
 
-def _verdict(g: dict[str, Any]) -> str:
+def verdict(g: dict[str, Any]) -> str:
     """A gain's "helps" cell: yes, no, or not yet while some tested patients or folds have no pair."""
     if missing := g.get("untested_patients"):
         return f"not yet ({len(missing)} patients unpaired)"

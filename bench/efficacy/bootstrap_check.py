@@ -32,7 +32,7 @@ from machine import footer, provenance, write_report  # noqa: E402
 from brats import REPO  # noqa: E402
 
 sys.path.insert(0, str(REPO))
-from efficacy.crossval import POST_METRIC, REFERENCE, paired_gain, postprocessed  # noqa: E402
+from efficacy.crossval import POST_METRIC, REFERENCE, paired_gain, postprocessed, verdict  # noqa: E402
 
 METRICS = ("dice_slice", POST_METRIC)
 
@@ -66,6 +66,8 @@ def check(report: dict[str, Any], seeds: int, resamples: int) -> list[dict[str, 
                     "gain_points": 100 * g["mean_patient_gain"],
                     "ci95_points": [100 * x for x in g["ci95"]],
                     "helps": g["helps"],
+                    "untested_patients": g["untested_patients"],
+                    "untested_folds": g["untested_folds"],
                     "lower_above_0": sum(x > 0 for x in lows),
                     "lower_range_points": [100 * min(lows), 100 * max(lows)],
                     "fine_ci95_points": [100 * x for x in fine["ci95"]],
@@ -94,8 +96,8 @@ def markdown(report: dict[str, Any]) -> str:
         rlo, rhi = c["lower_range_points"]
         lines.append(
             f"| {c['arm']} | {c['metric']} | {c['runs']} | {c['gain_points']:+.1f} | [{lo:+.2f}, {hi:+.1f}] "
-            f"| {'yes' if c['helps'] else 'no'} | {c['lower_above_0']} | [{rlo:+.2f}, {rhi:+.2f}] "
-            f"| [{flo:+.2f}, {fhi:+.1f}] | {'yes' if c['fine_helps'] else 'no'} |"
+            f"| {verdict(c)} | {c['lower_above_0']} | [{rlo:+.2f}, {rhi:+.2f}] "
+            f"| [{flo:+.2f}, {fhi:+.1f}] | {verdict({**c, 'helps': c['fine_helps']})} |"
         )
     return "\n".join(lines)
 

@@ -60,6 +60,12 @@ def test_a_clear_gain_is_firm_and_a_gain_carried_by_one_patient_is_not(bootstrap
     )
     unrun = next(c for c in partial if (c["arm"], c["metric"]) == ("insert", "dice_slice"))
     assert unrun["lower_above_0"] == 5 and not unrun["helps"] and not unrun["fine_helps"]
+    # and its cells say so in the report's own words, not a bare "no" beside an interval above 0
+    said = bootstrap_check.markdown(
+        {"source": "x.json", "bootstrap_seeds": 5, "resamples_report": 500, "resamples_fine": 20_000}
+        | {"checks": [unrun]}
+    )
+    assert said.count("| not yet (fold 2 unpaired) |") == 2 and "| no |" not in said
     loose = checks[("insert_healthy", POST_METRIC)]
     assert not loose["fine_helps"] and loose["lower_above_0"] == 0 and loose["lower_range_points"][0] < 0
     text = bootstrap_check.markdown(
